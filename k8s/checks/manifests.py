@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""Checks of the kustomize tree that need no cluster (run by k8s/check).
+
+  render     every overlay (and the base) renders with `kubectl kustomize`
+  schema     every built-in object passes `kubernetes-validate --strict` for each
+             supported Kubernetes version, with no warning at all; the KEDA
+             objects pass KEDA's CRD schema (@kubernetes-models/keda), and the
+             ScaledJob's job template passes the strict batch/v1 Job schema
+  same-pod   the plain trainer Job (components/without-keda) runs the same pod
+             as the ScaledJob's template, but for its longer request wait
+  grace      each pod's terminationGracePeriodSeconds exceeds its preStop sleep
+             plus the service's own drain deadline from the ConfigMap
+  env        every environment variable the services' code reads is set by the
+             ConfigMap/Secret or a container, or listed in base/optional-env.txt;
+             every key we set is read by some code; no stale optional entries
+  nats       the NATS server accepts the rendered nats.conf and, started with it,
+             enforces the Secret's credentials and serves JetStream + monitoring
+
+Usage: manifests.py OUT_DIR   (rendered YAML is left in OUT_DIR for checkov)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+K8S = Path(__file__).resolve().parent.parent
+ROOT = K8S.parent
+TOOLS = ROOT / ".tools"
+VENV_BIN = TOOLS / "venv" / "bin"
+# The oldest version we support (GKE's stable channel when this was written) and the newest schema shipped.
+KUBE_VERSIONS = ["1.33.0", "1.37.0"]
+# Crates whose binaries run in the cluster, and the foundation code they share.
+SERVICE_CRATES = ["nats", "store", "downloader", "trainer", "inference", "web"]
+ENV_PREFIXES = ("NATS_", "STORE_", "DOWNLOADER_", "TRAINER_", "INFERENCE_", "WEB_")
+
+failures: list[str] = []
+
+
+def fail(what: str) -> None:
+    failures.append(what)
+    print(f"  FAIL {what}", flush=True)
+
+
+def ok(what: str) -> None:
+    print(f"  ok   {what}", flush=True)
+
+
+def tool(name: str) -> str:
+    local = VENV_BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        sys.exit(f"{name} not found: run MNISTFLOW_K8S_TOOLS=1 scripts/setup")
+    return found
+
+
+def overlays() -> list[tuple[str, Path]]:
+    found = [("base", K8S / "base")]
+    found += sorted((p.name, p) for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+    return found
+
+
+def render(out: Path) -> dict[str, list[dict]]:
+    print("render", flush=True)
+    kubectl = tool("kubectl")
+    rendered = {}
+    for name, path in overlays():
+        proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            fail(f"{name}: kubectl kustomize: {proc.stderr.strip()}")
+            continue
+        (out / f"{name}.yaml").write_text(proc.stdout)
+        docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        rendered[name] = docs
+        ok(f"{name}: {len(docs)} objects")
+    return rendered
+
+
+def is_keda(doc: dict) -> bool:
+    return doc.get("apiVersion", "").startswith("keda.sh/")
+
+
+def schema(rendered: dict[str, list[dict]], out: Path) -> None:
+    print("schema", flush=True)
+    validate = tool("kubernetes-validate")
+    keda_docs = []
+    for name, docs in rendered.items():
+        builtin = [d for d in docs if not is_keda(d)]
+        for d in docs:
+            if is_keda(d):
+                keda_docs.append((name, d))
+                if d["kind"] == "ScaledJob":
+                    # KEDA's schema leaves the job template open: check it as a real Job.
+                    builtin.append({
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "metadata": {"name": f"{d['metadata']['name']}-scaledjob-template"},
+                        "spec": d["spec"]["jobTargetRef"],
+                    })
+        path = out / f"{name}.builtin.yaml"
+        path.write_text(yaml.safe_dump_all(builtin, sort_keys=False))
+        for version in KUBE_VERSIONS:
+            proc = subprocess.run([validate, "--strict", "-k", version, str(path)], capture_output=True, text=True)
+            lines = (proc.stdout + proc.stderr).splitlines()
+            bad = [line for line in lines if line.strip() and not line.startswith("INFO")]
+            passed = sum(1 for line in lines if line.startswith("INFO") and " passed " in line)
+            if proc.returncode != 0 or bad or passed != len(builtin):
+                fail(f"{name}: kubernetes-validate --strict -k {version}: {passed}/{len(builtin)} passed")
+                for line in bad:
+                    print(f"       {line}")
+            else:
+                ok(f"{name}: {len(builtin)} built-in objects valid for Kubernetes {version}, no warnings")
+    node_dir = TOOLS / "node"
+    if not (node_dir / "node_modules" / "@kubernetes-models" / "keda").exists():
+        fail("KEDA schema package missing: run MNISTFLOW_K8S_TOOLS=1 scripts/setup")
+        return
+    payload = out / "keda.json"
+    payload.write_text(json.dumps([{"source": n, "object": d} for n, d in keda_docs]))
+    proc = subprocess.run(
+        ["node", str(K8S / "checks" / "keda-validate.js"), str(payload)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NODE_PATH": str(node_dir / "node_modules")},
+    )
+    for line in proc.stdout.splitlines():
+        print(f"  {line}")
+    if proc.returncode != 0:
+        fail(f"KEDA schema: {proc.stderr.strip() or 'invalid objects'}")
+
+
+def same_pod() -> None:
+    print("same-pod", flush=True)
+    scaled = yaml.safe_load((K8S / "base" / "trainer.yaml").read_text())["spec"]["jobTargetRef"]
+    plain = yaml.safe_load((K8S / "components" / "without-keda" / "trainer-job.yaml").read_text())["spec"]
+    env = plain["template"]["spec"]["containers"][0]["env"]
+    extra = [e for e in env if e["name"] == "TRAINER_JOB_WAIT_SECS"]
+    plain["template"]["spec"]["containers"][0]["env"] = [e for e in env if e["name"] != "TRAINER_JOB_WAIT_SECS"]
+    if len(extra) != 1:
+        fail("without-keda trainer Job: expected exactly one TRAINER_JOB_WAIT_SECS override")
+    if scaled != plain:
+        fail("without-keda trainer Job differs from the ScaledJob's jobTargetRef (beyond TRAINER_JOB_WAIT_SECS)")
+    else:
+        ok("plain trainer Job == ScaledJob job template (+ TRAINER_JOB_WAIT_SECS)")
+
+
+def pod_specs(docs: list[dict]):
+    for d in docs:
+        spec = d.get("spec") or {}
+        if d["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
+            yield d, spec["template"]["spec"]
+        elif d["kind"] == "ScaledJob":
+            yield d, spec["jobTargetRef"]["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            yield d, spec["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def seconds(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
+    if not m:
+        raise ValueError(text)
+    value = float(m.group(1))
+    return {"ms": value / 1000, "s": value, "m": value * 60, None: value}[m.group(2)]
+
+
+def grace(rendered: dict[str, list[dict]]) -> None:
+    print("grace", flush=True)
+    for name, docs in rendered.items():
+        config = next((d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mnistflow-config"), {})
+        nats_conf = next((d["data"]["nats.conf"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config"), "")
+        for d, spec in pod_specs(docs):
+            for c in spec["containers"]:
+                env = dict(config)
+                env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+                sleep = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+                drain = {
+                    "inference": lambda: seconds(env.get("INFERENCE_DRAIN_SECS", "20")),
+                    "web": lambda: seconds(env.get("WEB_SHUTDOWN_GRACE_SECS", "5")),
+                    "nats": lambda: seconds(re.search(r"lame_duck_duration:\s*(\S+)", nats_conf).group(1))
+                    + seconds((re.search(r"lame_duck_grace_period:\s*(\S+)", nats_conf) or re.match("(0)", "0")).group(1)),
+                }.get(c["name"], lambda: 0.0)()
+                period = spec.get("terminationGracePeriodSeconds", 30)
+                what = f"{name}: {d['kind']}/{d['metadata']['name']}: grace {period}s > preStop {sleep}s + drain {drain:g}s"
+                if period > sleep + drain:
+                    if name == "base":
+                        ok(what)
+                else:
+                    fail(what)
+
+
+def code_env_reads() -> dict[str, set[str]]:
+    """Variable name -> files that read it, from the services' non-test source."""
+    reads: dict[str, set[str]] = {}
+    patterns = [
+        re.compile(r'"((?:%s)[A-Z0-9_]+)"' % "|".join(ENV_PREFIXES)),
+        re.compile(r'lookup\(\s*"([A-Z][A-Z0-9_]*)"\s*\)'),
+        re.compile(r'env::var(?:_os)?\(\s*"([A-Z][A-Z0-9_]*)"\s*\)'),
+        re.compile(r'(?:var|var_or|flag|secs|positive_secs)\(\s*&?\w+\s*,\s*"([A-Z][A-Z0-9_]*)"'),
+        re.compile(r'starts_with\("([A-Z][A-Z0-9]*_)"\)'),  # env::vars() filtered by prefix: AWS_, GOOGLE_
+    ]
+    for crate in SERVICE_CRATES:
+        for path in sorted((ROOT / crate / "src").rglob("*.rs")):
+            text = path.read_text()
+            # Unit tests live in a trailing `#[cfg(test)]` module; their names are not reads.
+            text = text.split("#[cfg(test)]", 1)[0]
+            rel = str(path.relative_to(ROOT))
+            for pattern in patterns:
+                for m in pattern.finditer(text):
+                    name = m.group(1)
+                    if name.endswith("_") and pattern is patterns[-1]:
+                        name += "*"
+                    elif name.endswith("_"):
+                        continue
+                    reads.setdefault(name, set()).add(rel)
+            if "from_default_env" in text:  # tracing's EnvFilter reads RUST_LOG
+                reads.setdefault("RUST_LOG", set()).add(rel)
+    return reads
+
+
+def env(rendered: dict[str, list[dict]]) -> None:
+    print("env", flush=True)
+    reads = code_env_reads()
+    base = rendered.get("base", [])
+    config = next(d for d in base if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mnistflow-config")
+    secret = next(d for d in base if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")
+    secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
+    container_env: dict[str, set[str]] = {}
+    for name, docs in rendered.items():
+        for d, spec in pod_specs(docs):
+            for c in spec["containers"]:
+                if c["name"] == "nats":
+                    continue  # the NATS server's own env (POD_NAME and its credentials)
+                for e in c.get("env", []):
+                    container_env.setdefault(e["name"], set()).add(f"{name}:{d['kind']}/{d['metadata']['name']}")
+                    ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                    if ref and ref["key"] not in secret_keys:
+                        fail(f"{name}: {d['kind']}/{d['metadata']['name']} reads Secret key {ref['key']} that the base Secret lacks")
+    optional = {}
+    for line in (K8S / "base" / "optional-env.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            optional[line] = True
+    set_names = set(config["data"]) | secret_keys | set(container_env)
+    documented = set_names | set(optional)
+
+    missing = sorted(n for n in reads if n not in documented)
+    for n in missing:
+        fail(f"{n} is read by {', '.join(sorted(reads[n]))} but is neither set in k8s/base nor listed in optional-env.txt")
+    unread = sorted(n for n in set_names if n not in reads)
+    for n in unread:
+        fail(f"{n} is set by the manifests but no service reads it (a typo?)")
+    stale = sorted(n for n in optional if n not in reads)
+    for n in stale:
+        fail(f"optional-env.txt lists {n}, which no service reads any more")
+    both = sorted(n for n in optional if n in set_names)
+    for n in both:
+        fail(f"{n} is both set by the manifests and listed as optional")
+    if not (missing or unread or stale or both):
+        ok(f"{len(reads)} variables read by {', '.join(SERVICE_CRATES)}: "
+           f"{len(set_names & set(reads))} set by the manifests, {len(optional)} documented optional")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats(rendered: dict[str, list[dict]]) -> None:
+    print("nats", flush=True)
+    server = TOOLS / "bin" / "nats-server"
+    if not server.exists():
+        fail("nats-server missing: run scripts/setup")
+        return
+    base = rendered["base"]
+    conf = next(d["data"]["nats.conf"] for d in base if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config")
+    secret = next(d for d in base if d["kind"] == "Secret")["stringData"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "nats.conf"
+        path.write_text(conf.replace("/data/jetstream", f"{tmp}/jetstream"))
+        env = {**os.environ, "POD_NAME": "nats-0", "NATS_USER": secret["NATS_USER"], "NATS_PASSWORD": secret["NATS_PASSWORD"]}
+        proc = subprocess.run([str(server), "-t", "-c", str(path)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            fail(f"nats-server -t rejects nats.conf: {proc.stderr.strip()}")
+            return
+        client, monitor = free_port(), free_port()
+        child = subprocess.Popen(
+            [str(server), "-c", str(path), "-a", "127.0.0.1", "-p", str(client), "-m", str(monitor)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            health = None
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", timeout=1) as r:
+                        health = json.load(r)
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            if not health or health.get("status") != "ok":
+                fail(f"NATS with nats.conf: /healthz?js-enabled-only=true answered {health!r}")
+                return
+
+            def connect(user: str, password: str) -> bytes:
+                with socket.create_connection(("127.0.0.1", client), timeout=5) as s:
+                    s.recv(4096)  # INFO
+                    s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"user":%s,"pass":%s}\r\nPING\r\n'
+                              % (json.dumps(user).encode(), json.dumps(password).encode()))
+                    answer = b""
+                    while b"PONG" not in answer and b"-ERR" not in answer:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        answer += chunk
+                    return answer
+
+            good = connect(secret["NATS_USER"], secret["NATS_PASSWORD"])
+            bad = connect(secret["NATS_USER"], "wrong")
+            with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/jsz", timeout=5) as r:
+                jsz = json.load(r)
+            if b"PONG" in good and b"Authorization Violation" in bad and "config" in jsz:
+                ok("nats.conf: valid; JetStream healthy; Secret's credentials accepted, wrong password refused; /jsz served")
+            else:
+                fail(f"nats.conf auth/monitoring: good={good[:80]!r} bad={bad[:80]!r} jsz keys={list(jsz)[:5]}")
+        finally:
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def main() -> int:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="mnistflow-k8s-"))
+    out.mkdir(parents=True, exist_ok=True)
+    rendered = render(out)
+    if "base" in rendered:
+        schema(rendered, out)
+        same_pod()
+        grace(rendered)
+        env(rendered)
+        nats(rendered)
+    if failures:
+        print(f"{len(failures)} manifest check(s) failed", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
