@@ -15,8 +15,18 @@
              every key we set is read by some code; no stale optional entries
   nats       the NATS server accepts the rendered nats.conf and, started with it,
              enforces the Secret's credentials and serves JetStream + monitoring
+  ports      every containerPort and probe port matches the port the ConfigMap
+             tells the service to listen on; image tags match the workspace version
+  run        (--run) each workload's real binary (target/debug) runs with exactly
+             the environment its pod would get (ConfigMap + Secret + env), against
+             that NATS server: only listen addresses, the store path, the mirror
+             and the training time limit are changed. The downloader Job stores
+             MNIST from a file:// mirror and exits 0; the trainer Job consumes the
+             train.request it published, publishes a version and exits 0; every
+             Deployment answers its probes' paths (liveness 200, readiness not
+             404) and, on SIGTERM, exits 0 before its grace period would kill it
 
-Usage: manifests.py OUT_DIR   (rendered YAML is left in OUT_DIR for checkov)
+Usage: manifests.py OUT_DIR [--run]   (rendered YAML is left in OUT_DIR for checkov)
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,6 +50,7 @@ K8S = Path(__file__).resolve().parent.parent
 ROOT = K8S.parent
 TOOLS = ROOT / ".tools"
 VENV_BIN = TOOLS / "venv" / "bin"
+NATS_BIN = TOOLS / "bin" / "nats-server"
 # The oldest version we support (GKE's stable channel when this was written) and the newest schema shipped.
 KUBE_VERSIONS = ["1.33.0", "1.37.0"]
 # Crates whose binaries run in the cluster, and the foundation code they share.
@@ -278,73 +290,294 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def nats(rendered: dict[str, list[dict]]) -> None:
-    print("nats", flush=True)
-    server = TOOLS / "bin" / "nats-server"
-    if not server.exists():
-        fail("nats-server missing: run scripts/setup")
-        return
-    base = rendered["base"]
-    conf = next(d["data"]["nats.conf"] for d in base if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config")
-    secret = next(d for d in base if d["kind"] == "Secret")["stringData"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "nats.conf"
-        path.write_text(conf.replace("/data/jetstream", f"{tmp}/jetstream"))
-        env = {**os.environ, "POD_NAME": "nats-0", "NATS_USER": secret["NATS_USER"], "NATS_PASSWORD": secret["NATS_PASSWORD"]}
-        proc = subprocess.run([str(server), "-t", "-c", str(path)], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            fail(f"nats-server -t rejects nats.conf: {proc.stderr.strip()}")
-            return
-        client, monitor = free_port(), free_port()
-        child = subprocess.Popen(
-            [str(server), "-c", str(path), "-a", "127.0.0.1", "-p", str(client), "-m", str(monitor)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+class NatsUnderTest:
+    """nats-server started with the rendered nats.conf (the cluster's) on loopback ports."""
+
+    def __init__(self, rendered: dict[str, list[dict]], tmp: Path):
+        base = rendered["base"]
+        conf = next(d["data"]["nats.conf"] for d in base if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config")
+        self.secret = next(d for d in base if d["kind"] == "Secret")["stringData"]
+        self.path = tmp / "nats.conf"
+        self.path.write_text(conf.replace("/data/jetstream", f"{tmp}/jetstream"))
+        self.env = {**os.environ, "POD_NAME": "nats-0", "NATS_USER": self.secret["NATS_USER"],
+                    "NATS_PASSWORD": self.secret["NATS_PASSWORD"]}
+        self.client, self.monitor = free_port(), free_port()
+        self.child = None
+
+    def test_config(self) -> str | None:
+        proc = subprocess.run([str(NATS_BIN), "-t", "-c", str(self.path)], capture_output=True, text=True, env=self.env)
+        return None if proc.returncode == 0 else proc.stderr.strip()
+
+    def start(self) -> dict | None:
+        self.child = subprocess.Popen(
+            [str(NATS_BIN), "-c", str(self.path), "-a", "127.0.0.1", "-p", str(self.client), "-m", str(self.monitor)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        try:
-            deadline = time.monotonic() + 10
-            health = None
-            while time.monotonic() < deadline:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", timeout=1) as r:
-                        health = json.load(r)
-                        break
-                except OSError:
-                    time.sleep(0.1)
-            if not health or health.get("status") != "ok":
-                fail(f"NATS with nats.conf: /healthz?js-enabled-only=true answered {health!r}")
-                return
-
-            def connect(user: str, password: str) -> bytes:
-                with socket.create_connection(("127.0.0.1", client), timeout=5) as s:
-                    s.recv(4096)  # INFO
-                    s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"user":%s,"pass":%s}\r\nPING\r\n'
-                              % (json.dumps(user).encode(), json.dumps(password).encode()))
-                    answer = b""
-                    while b"PONG" not in answer and b"-ERR" not in answer:
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        answer += chunk
-                    return answer
-
-            good = connect(secret["NATS_USER"], secret["NATS_PASSWORD"])
-            bad = connect(secret["NATS_USER"], "wrong")
-            with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/jsz", timeout=5) as r:
-                jsz = json.load(r)
-            if b"PONG" in good and b"Authorization Violation" in bad and "config" in jsz:
-                ok("nats.conf: valid; JetStream healthy; Secret's credentials accepted, wrong password refused; /jsz served")
-            else:
-                fail(f"nats.conf auth/monitoring: good={good[:80]!r} bad={bad[:80]!r} jsz keys={list(jsz)[:5]}")
-        finally:
-            child.terminate()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
             try:
-                child.wait(timeout=10)
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/healthz?js-enabled-only=true", timeout=1) as r:
+                    return json.load(r)
+            except OSError:
+                time.sleep(0.1)
+        return None
+
+    def stop(self) -> None:
+        if self.child:
+            self.child.terminate()
+            try:
+                self.child.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                child.kill()
+                self.child.kill()
+
+    def connect(self, user: str, password: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.client), timeout=5) as s:
+            s.recv(4096)  # INFO
+            s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"user":%s,"pass":%s}\r\nPING\r\n'
+                      % (json.dumps(user).encode(), json.dumps(password).encode()))
+            answer = b""
+            while b"PONG" not in answer and b"-ERR" not in answer:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer
+
+
+def nats(nats_server: NatsUnderTest) -> bool:
+    print("nats", flush=True)
+    error = nats_server.test_config()
+    if error:
+        fail(f"nats-server -t rejects nats.conf: {error}")
+        return False
+    health = nats_server.start()
+    if not health or health.get("status") != "ok":
+        fail(f"NATS with nats.conf: /healthz?js-enabled-only=true answered {health!r}")
+        return False
+    secret = nats_server.secret
+    good = nats_server.connect(secret["NATS_USER"], secret["NATS_PASSWORD"])
+    bad = nats_server.connect(secret["NATS_USER"], "wrong")
+    with urllib.request.urlopen(f"http://127.0.0.1:{nats_server.monitor}/jsz", timeout=5) as r:
+        jsz = json.load(r)
+    if b"PONG" in good and b"Authorization Violation" in bad and "config" in jsz:
+        ok("nats.conf: valid; JetStream healthy; Secret's credentials accepted, wrong password refused; /jsz served")
+        return True
+    fail(f"nats.conf auth/monitoring: good={good[:80]!r} bad={bad[:80]!r} jsz keys={list(jsz)[:5]}")
+    return False
+
+
+def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
+    """containerPort -> the variable that makes the service listen there."""
+    name = container["name"]
+    if name in ("web", "inference"):
+        var = f"{name.upper()}_PORT"
+        return {int(env[var]): var} if var in env else {}
+    if name == "downloader" and env.get("DOWNLOADER_MODE") == "service":
+        addr = env.get("DOWNLOADER_METRICS_ADDR", "")
+        return {int(addr.rsplit(":", 1)[1]): "DOWNLOADER_METRICS_ADDR"} if ":" in addr else {}
+    return {}
+
+
+def container_env(docs: list[dict], container: dict) -> dict[str, str]:
+    """The environment a container gets: envFrom ConfigMaps/Secrets, then env (which wins)."""
+    maps = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("ConfigMap", "Secret")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(maps[("ConfigMap", source["configMapRef"]["name"])]["data"])
+        if "secretRef" in source:
+            env.update(maps[("Secret", source["secretRef"]["name"])].get("stringData", {}))
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "secretKeyRef" in (e.get("valueFrom") or {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            secret = maps.get(("Secret", ref["name"]))
+            if secret and ref["key"] in secret.get("stringData", {}):
+                env[e["name"]] = secret["stringData"][ref["key"]]
+    return env
+
+
+def ports(rendered: dict[str, list[dict]]) -> None:
+    print("ports", flush=True)
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
+    problems = 0
+    for name, docs in rendered.items():
+        for d, spec in pod_specs(docs):
+            for c in spec["containers"]:
+                what = f"{name}: {d['kind']}/{d['metadata']['name']}"
+                image = c["image"]
+                if "mnistflow/" in image and not image.split("@")[0].endswith(f":{version}"):
+                    fail(f"{what}: image {image} is not tagged with the workspace version {version}")
+                    problems += 1
+                listens = listen_port(c, container_env(docs, c))
+                named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+                for p in c.get("ports", []):
+                    if c["name"] != "nats" and p["containerPort"] not in listens:
+                        fail(f"{what}: containerPort {p['containerPort']} is not where the service listens ({listens})")
+                        problems += 1
+                for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    probe = (c.get(kind) or {}).get("httpGet")
+                    if probe:
+                        port = named.get(probe["port"], probe["port"])
+                        if port not in named.values():
+                            fail(f"{what}: {kind} port {probe['port']} is no declared containerPort")
+                            problems += 1
+    if not problems:
+        ok(f"container and probe ports match the configured listen ports; images tagged {version}")
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        self.handle = open(log, "w")
+        self.child = subprocess.Popen(args, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
+
+    def tail(self) -> str:
+        self.handle.flush()
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+        self.handle.close()
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) -> None:
+    print("run (target/debug binaries with the pods' environment)", flush=True)
+    docs = rendered["base"]
+    store = tmp / "store"
+    store.mkdir()
+    mnist = Path(os.environ.get("MNIST_DIR", ROOT.parent / "shared" / "mnist"))
+    workloads = {(d["kind"], d["metadata"]["name"]): (d, spec) for d, spec in pod_specs(docs)}
+    base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+
+    def env_for(kind: str, name: str, overrides: dict[str, str]) -> tuple[dict, dict, dict[str, str], dict[int, int]]:
+        d, spec = workloads[(kind, name)]
+        c = spec["containers"][0]
+        env = container_env(docs, c)
+        # The cluster's addresses become this machine's: NATS on its loopback port, the
+        # store volume a temporary directory, the service ports free loopback ports.
+        env["NATS_URL"] = f"nats://127.0.0.1:{nats_server.client}"
+        if "STORE_URL" in env:
+            env["STORE_URL"] = str(store)
+        if "DOWNLOADER_TMP_DIR" in env:
+            env["DOWNLOADER_TMP_DIR"] = str(tmp)
+        mapping = {}
+        for container_port, var in listen_port(c, env).items():
+            host = free_port()
+            mapping[container_port] = host
+            env[var] = f"127.0.0.1:{host}" if var.endswith("_ADDR") else str(host)
+            address_var = var.replace("_PORT", "_ADDRESS")
+            if address_var != var and address_var in env:
+                env[address_var] = "127.0.0.1"
+        env.update(overrides)
+        return d, spec, {**base_env, **env}, mapping
+
+    def binary(c: dict) -> Path | None:
+        path = ROOT / "target" / "debug" / c["name"]
+        if not path.exists():
+            fail(f"{path.relative_to(ROOT)} missing (k8s/check builds it; MNISTFLOW_K8S_RUN=0 skips this section)")
+            return None
+        return path
+
+    # 1. The downloader Job, from a file:// mirror instead of the internet.
+    d, spec, env, _ = env_for("Job", "downloader", {"DOWNLOADER_MIRRORS": f"file://{mnist}/"})
+    exe = binary(spec["containers"][0])
+    if exe:
+        t = time.monotonic()
+        p = Proc([str(exe)], env, tmp / "downloader-job.log")
+        code = p.wait(120)
+        manifests = list(store.glob("datasets/mnist/*/manifest.json"))
+        if code == 0 and manifests:
+            ok(f"Job/downloader: stored MNIST from a file:// mirror and exited 0 ({time.monotonic() - t:.1f} s)")
+        else:
+            fail(f"Job/downloader: exit {code}, {len(manifests)} manifest(s)\n{p.tail()}")
+        p.kill()
+
+    # 2. The trainer Job (the ScaledJob's template) takes the train.request the
+    #    downloader published (DOWNLOADER_AUTO_TRAIN), with a short time limit.
+    d, spec, env, _ = env_for("ScaledJob", "trainer", {"TRAINER_MAX_MINUTES": "0.1"})
+    exe = binary(spec["containers"][0])
+    if exe and list(store.glob("datasets/mnist/*/manifest.json")):
+        t = time.monotonic()
+        p = Proc([str(exe)], env, tmp / "trainer-job.log")
+        code = p.wait(300)
+        versions = list(store.glob("models/mnist-cnn/*/metadata.json"))
+        if code == 0 and versions:
+            ok(f"ScaledJob/trainer: consumed the train.request, published a version, exited 0 ({time.monotonic() - t:.1f} s)")
+        else:
+            fail(f"ScaledJob/trainer: exit {code}, {len(versions)} version(s)\n{p.tail()}")
+        p.kill()
+
+    # 3. Every Deployment: probes answer, SIGTERM drains within the grace period.
+    for (kind, name), (d, spec) in sorted(workloads.items()):
+        if kind != "Deployment":
+            continue
+        d, spec, env, mapping = env_for(kind, name, {})
+        c = spec["containers"][0]
+        exe = binary(c)
+        if not exe:
+            continue
+        named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        t = time.monotonic()
+        p = Proc([str(exe)], env, tmp / f"{name}.log")
+        try:
+            live = (c.get("livenessProbe") or {}).get("httpGet")
+            url = lambda probe: f"http://127.0.0.1:{mapping[named.get(probe['port'], probe['port'])]}{probe['path']}"
+            deadline = time.monotonic() + 60
+            status = 0
+            while time.monotonic() < deadline and p.child.poll() is None:
+                status = http_status(url(live))
+                if status == 200:
+                    break
+                time.sleep(0.2)
+            if status != 200:
+                fail(f"Deployment/{name}: liveness {live['path']} never answered 200 (last {status})\n{p.tail()}")
+                continue
+            answers = [f"{live['path']} 200 after {time.monotonic() - t:.1f} s"]
+            ready = (c.get("readinessProbe") or {}).get("httpGet")
+            if ready:
+                status = http_status(url(ready))
+                if status in (0, 404):
+                    fail(f"Deployment/{name}: readiness {ready['path']} answered {status}")
+                    continue
+                answers.append(f"{ready['path']} {status}")
+            grace_s = spec.get("terminationGracePeriodSeconds", 30)
+            sleep = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+            t_stop = time.monotonic()
+            p.child.send_signal(15)
+            code = p.wait(grace_s - sleep)
+            stopped = time.monotonic() - t_stop
+            if code == 0:
+                ok(f"Deployment/{name}: {', '.join(answers)}; SIGTERM -> exit 0 in {stopped:.1f} s "
+                   f"(grace {grace_s} s - preStop {sleep} s)")
+            else:
+                fail(f"Deployment/{name}: on SIGTERM exit {code} after {stopped:.1f} s (limit {grace_s - sleep} s)\n{p.tail()}")
+        finally:
+            p.kill()
 
 
 def main() -> int:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="mnistflow-k8s-"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = Path(args[0] if args else tempfile.mkdtemp(prefix="mnistflow-k8s-"))
     out.mkdir(parents=True, exist_ok=True)
     rendered = render(out)
     if "base" in rendered:
@@ -352,7 +585,17 @@ def main() -> int:
         same_pod()
         grace(rendered)
         env(rendered)
-        nats(rendered)
+        ports(rendered)
+        if not NATS_BIN.exists():
+            fail("nats-server missing: run scripts/setup")
+        else:
+            with tempfile.TemporaryDirectory(prefix="mnistflow-k8s-run-") as tmp:
+                nats_server = NatsUnderTest(rendered, Path(tmp))
+                try:
+                    if nats(nats_server) and "--run" in sys.argv:
+                        run(rendered, nats_server, Path(tmp))
+                finally:
+                    nats_server.stop()
     if failures:
         print(f"{len(failures)} manifest check(s) failed", flush=True)
         return 1
