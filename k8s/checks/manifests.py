@@ -17,6 +17,8 @@
              enforces the Secret's credentials and serves JetStream + monitoring
   ports      every containerPort and probe port matches the port the ConfigMap
              tells the service to listen on; image tags match the workspace version
+  store      every stage that reads STORE_URL gets the store: a path is a mounted
+             volume of a claim that exists in the overlay; gs:// and s3:// mount none
   run        (--run) each workload's real binary (target/debug) runs with exactly
              the environment its pod would get (ConfigMap + Secret + env), against
              that NATS server: only listen addresses, the store path, the mirror
@@ -427,6 +429,38 @@ def ports(rendered: dict[str, list[dict]]) -> None:
         ok(f"container and probe ports match the configured listen ports; images tagged {version}")
 
 
+def store(rendered: dict[str, list[dict]]) -> None:
+    print("store", flush=True)
+    reads = code_env_reads()
+    readers = {f.split("/")[0] for f in reads.get("STORE_URL", set())}
+    problems = 0
+    for name, docs in rendered.items():
+        claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+        for d, spec in pod_specs(docs):
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for c in spec["containers"]:
+                if c["name"] not in readers:
+                    continue
+                url = container_env(docs, c).get("STORE_URL", "")
+                what = f"{name}: {d['kind']}/{d['metadata']['name']} (STORE_URL={url})"
+                mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+                store_mounts = [m for m in c.get("volumeMounts", [])
+                                if "persistentVolumeClaim" in volumes.get(m["name"], {})]
+                if re.match(r"^(gs|s3)://", url):
+                    if store_mounts:
+                        fail(f"{what}: mounts {store_mounts[0]['mountPath']} though the store is a bucket")
+                        problems += 1
+                    continue
+                path = url.removeprefix("file://")
+                mount = mounts.get(path)
+                claim = (volumes.get(mount["name"], {}) if mount else {}).get("persistentVolumeClaim", {}).get("claimName")
+                if not path.startswith("/") or not claim or claim not in claims or mount.get("readOnly"):
+                    fail(f"{what}: no writable mount of an existing claim at the store path")
+                    problems += 1
+    if not problems:
+        ok(f"stages reading STORE_URL ({', '.join(sorted(readers))}) get a writable store volume, or none with a bucket")
+
+
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path):
         self.log = log
@@ -586,6 +620,7 @@ def main() -> int:
         grace(rendered)
         env(rendered)
         ports(rendered)
+        store(rendered)
         if not NATS_BIN.exists():
             fail("nats-server missing: run scripts/setup")
         else:
