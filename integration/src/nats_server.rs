@@ -1,0 +1,135 @@
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A real `nats-server -js` on a random loopback port, with its own temporary
+/// store directory. Killed (and the directory removed) on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: TempDir,
+    port: u16,
+    extra_args: Vec<String>,
+}
+
+impl std::fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsServer").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+/// `NATS_SERVER_BIN` (set by `.cargo/config.toml` to what `scripts/setup`
+/// installed), else `nats-server` on `PATH`.
+pub fn nats_server_bin() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it listens.
+    ///
+    /// # Panics
+    /// When the server cannot be started (the binary is missing: run `scripts/setup`).
+    pub fn start() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts a server with extra command-line arguments (`--user`, `--pass`, ...).
+    ///
+    /// # Panics
+    /// When the server cannot be started.
+    pub fn start_with_args(args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("mnistflow-nats-").tempdir().expect("temp dir for nats-server");
+        let mut server = Self { child: None, dir, port: 0, extra_args: args.iter().map(|s| (*s).to_owned()).collect() };
+        server.spawn(None);
+        server
+    }
+
+    /// Starts a server on a given port (a client may already be retrying it).
+    ///
+    /// # Panics
+    /// When the server cannot be started.
+    pub fn start_on_port(port: u16) -> Self {
+        let dir = tempfile::Builder::new().prefix("mnistflow-nats-").tempdir().expect("temp dir for nats-server");
+        let mut server = Self { child: None, dir, port, extra_args: Vec::new() };
+        server.spawn(Some(port));
+        server
+    }
+
+    fn spawn(&mut self, port: Option<u16>) {
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "-m", "-1", "-js", "-sd"])
+            .arg(self.dir.path().join("js"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e} (run scripts/setup)", nats_server_bin().display()));
+        let pid = child.id();
+        self.child = Some(child);
+        self.port = wait_for_port(&ports_dir.join(format!("nats-server_{pid}.ports")));
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's data directory (JetStream files live under `js/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit; the data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same data.
+    ///
+    /// # Panics
+    /// When it cannot start.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port;
+        self.spawn(Some(port));
+        assert_eq!(self.port, port, "nats-server came back on another port");
+    }
+}
+
+fn wait_for_port(ports_file: &Path) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(ports_file)
+            && let Ok(json) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(url) = json["nats"][0].as_str()
+            && let Some(port) = url.rsplit(':').next().and_then(|p| p.parse().ok())
+        {
+            return port;
+        }
+        assert!(Instant::now() < deadline, "nats-server did not write {} within 15 s", ports_file.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,374 @@
+//! The typed bus every stage talks through.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_nats::{Client, ConnectOptions, HeaderMap, Subscriber};
+use futures::StreamExt;
+use secrecy::ExposeSecret;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::NatsConfig;
+use crate::events::Message;
+use crate::streams;
+use crate::subjects::Subjects;
+
+/// What can go wrong talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The server stayed unreachable for the whole connect timeout.
+    #[error("NATS_URL: cannot reach {url} after {attempts} attempts over {waited:?}: {last_error}")]
+    Unreachable { url: String, attempts: u32, waited: Duration, last_error: String },
+    /// The server refused our credentials; retrying will not help.
+    #[error("NATS_USER/NATS_PASSWORD/NATS_TOKEN/NATS_CREDS: the server refused the credentials: {0}")]
+    Auth(String),
+    /// Shutdown was requested while connecting.
+    #[error("shutdown requested while connecting to NATS")]
+    Cancelled,
+    #[error("JetStream stream setup failed: {0}")]
+    Stream(String),
+    #[error("publish to {subject} failed: {message}")]
+    Publish { subject: String, message: String },
+    #[error("subscribe to {subject} failed: {message}")]
+    Subscribe { subject: String, message: String },
+    #[error("acknowledging a message failed: {0}")]
+    Ack(String),
+    #[error("encoding a payload failed: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The server's answer to a JetStream publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub sequence: u64,
+    /// True when the server had already stored a message with this id.
+    pub duplicate: bool,
+}
+
+/// A connected, typed view of the pipeline's subjects.
+#[derive(Clone)]
+pub struct Bus {
+    client: Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").field("prefix", &self.subjects.prefix()).finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// Connects, retrying an unreachable server with exponential backoff (logged)
+    /// until `config.connect_timeout`; later disconnections are retried forever by
+    /// the client itself.
+    ///
+    /// # Errors
+    /// [`BusError::Unreachable`] after the timeout, [`BusError::Auth`] at once on
+    /// refused credentials, [`BusError::Cancelled`] on shutdown.
+    pub async fn connect(config: &NatsConfig, shutdown: &CancellationToken) -> Result<Self, BusError> {
+        let url = config.servers.iter().map(|s| s.as_url_str().to_owned()).collect::<Vec<_>>().join(",");
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let options = options(config).await?;
+            match options.connect(config.servers.clone()).await {
+                Ok(client) => {
+                    info!(%url, attempts, "Connected to NATS.");
+                    return Ok(Self::new(client, config.subjects.clone()));
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if matches!(
+                        e.kind(),
+                        async_nats::ConnectErrorKind::Authentication
+                            | async_nats::ConnectErrorKind::AuthorizationViolation
+                    ) {
+                        return Err(BusError::Auth(message));
+                    }
+                    let waited = started.elapsed();
+                    if waited + delay > config.connect_timeout {
+                        return Err(BusError::Unreachable { url, attempts, waited, last_error: message });
+                    }
+                    warn!(%url, attempts, error = %message, retry_in_ms = delay.as_millis() as u64, "NATS unreachable, retrying.");
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return Err(BusError::Cancelled),
+                        () = tokio::time::sleep(jitter(delay)) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Wraps an existing client.
+    pub fn new(client: Client, subjects: Subjects) -> Self {
+        let js = jetstream::new(client.clone());
+        Self { client, js, subjects }
+    }
+
+    /// The underlying client (request/reply for predictions, raw subscriptions).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Creates or updates the streams (idempotent; every stage calls it at start-up).
+    ///
+    /// # Errors
+    /// JetStream is disabled on the server or refused the configuration.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        streams::ensure(&self.js, &self.subjects).await
+    }
+
+    /// Publishes `message` to its subject through JetStream with `Nats-Msg-Id` set
+    /// to its event id, and waits for the server to store it.
+    ///
+    /// # Errors
+    /// No stream holds the subject, or the server did not acknowledge.
+    pub async fn publish<M: Message>(&self, message: &M) -> Result<Published, BusError> {
+        let subject = self.subjects.full(M::SUBJECT);
+        let payload = serde_json::to_vec(message)?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", message.event_id().to_string().as_str());
+        let fail = |e: &dyn std::fmt::Display| BusError::Publish { subject: subject.clone(), message: e.to_string() };
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| fail(&e))?
+            .await
+            .map_err(|e| fail(&e))?;
+        debug!(%subject, sequence = ack.sequence, duplicate = ack.duplicate, "Published.");
+        Ok(Published { sequence: ack.sequence, duplicate: ack.duplicate })
+    }
+
+    /// Subscribes (core NATS, live only) to `M`'s subject.
+    ///
+    /// # Errors
+    /// The client is closed.
+    pub async fn subscribe<M: Message>(&self) -> Result<TypedSubscriber<M>, BusError> {
+        let subject = self.subjects.full(M::SUBJECT);
+        let inner = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| BusError::Subscribe { subject, message: e.to_string() })?;
+        Ok(TypedSubscriber { inner, _type: PhantomData })
+    }
+
+    /// Binds to the durable work-queue consumer of command `M` (created if missing).
+    /// Deliveries come one at a time; each must be acked, nak'ed or terminated.
+    ///
+    /// # Errors
+    /// `M` is not a work-queue command, or the stream is missing.
+    pub async fn work_queue<M: Message>(&self, options: WorkQueueOptions) -> Result<WorkQueue<M>, BusError> {
+        let (role, durable) = match streams::route(M::SUBJECT) {
+            Some((role, Some(durable))) => (role, durable),
+            _ => return Err(BusError::Stream(format!("{} is not a work-queue command", M::SUBJECT))),
+        };
+        let name = self.subjects.stream_name(role);
+        let stream = self.js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
+        let mut config = streams::work_consumer_config(&self.subjects, M::SUBJECT, durable, options.max_deliver);
+        config.ack_wait = options.ack_wait;
+        let consumer: PullConsumer = match stream.get_consumer(durable).await {
+            Ok(c) => c,
+            Err(_) => stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| BusError::Stream(format!("consumer {durable} on {name}: {e}")))?,
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(1)
+            .messages()
+            .await
+            .map_err(|e| BusError::Subscribe { subject: self.subjects.full(M::SUBJECT), message: e.to_string() })?;
+        Ok(WorkQueue { consumer, messages, _type: PhantomData })
+    }
+}
+
+async fn options(config: &NatsConfig) -> Result<ConnectOptions, BusError> {
+    let mut options = ConnectOptions::new()
+        .name(&config.client_name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => warn!("Disconnected from NATS, reconnecting."),
+                async_nats::Event::Connected => info!("Reconnected to NATS."),
+                other => debug!(event = %other, "NATS client event."),
+            }
+        });
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.expose_secret().to_owned());
+    }
+    if let Some(path) = &config.creds_file {
+        options = options.credentials_file(path).await.map_err(|e| BusError::Auth(format!("NATS_CREDS: {e}")))?;
+    }
+    Ok(options)
+}
+
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.75 + rand::random::<f64>() * 0.5)
+}
+
+/// How a work-queue consumer is created (the first binder's options stick: the
+/// consumer is durable).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkQueueOptions {
+    /// How long a delivery may go without ack or in-progress signal before redelivery.
+    pub ack_wait: Duration,
+    /// How many deliveries before the server gives up on a message.
+    pub max_deliver: i64,
+}
+
+impl Default for WorkQueueOptions {
+    fn default() -> Self {
+        Self { ack_wait: Duration::from_secs(60), max_deliver: 5 }
+    }
+}
+
+/// One message from a subscription: decoded, or reported as undecodable.
+#[derive(Debug)]
+pub enum Received<M> {
+    Message(M),
+    Undecodable { subject: String, error: String },
+}
+
+/// A core-NATS subscription yielding typed messages.
+pub struct TypedSubscriber<M> {
+    inner: Subscriber,
+    _type: PhantomData<fn() -> M>,
+}
+
+impl<M: Message> TypedSubscriber<M> {
+    /// The next message; `None` when the subscription ends.
+    pub async fn next(&mut self) -> Option<Received<M>> {
+        let msg = self.inner.next().await?;
+        Some(match serde_json::from_slice(&msg.payload) {
+            Ok(m) => Received::Message(m),
+            Err(e) => {
+                warn!(subject = %msg.subject, error = %e, "Undecodable message ignored.");
+                Received::Undecodable { subject: msg.subject.to_string(), error: e.to_string() }
+            }
+        })
+    }
+}
+
+/// The durable consumer of one work-queue command.
+pub struct WorkQueue<M> {
+    consumer: PullConsumer,
+    messages: jetstream::consumer::pull::Stream,
+    _type: PhantomData<fn() -> M>,
+}
+
+impl<M: Message> WorkQueue<M> {
+    /// The next delivery; `None` when the stream ends. Transient pull errors
+    /// (a reconnect, a missed heartbeat) are logged and skipped.
+    pub async fn next(&mut self) -> Option<Delivery<M>> {
+        loop {
+            match self.messages.next().await? {
+                Ok(msg) => return Some(Delivery::new(msg)),
+                Err(e) => {
+                    warn!(error = %e, "Work queue pull error, continuing.");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// How many messages wait for this consumer (its lag).
+    ///
+    /// # Errors
+    /// The server did not answer.
+    pub async fn pending(&mut self) -> Result<u64, BusError> {
+        let info = self.consumer.info().await.map_err(|e| BusError::Stream(e.to_string()))?;
+        Ok(info.num_pending)
+    }
+}
+
+/// One delivery of a work-queue command: decoded payload plus the ack handle.
+pub struct Delivery<M> {
+    msg: jetstream::Message,
+    payload: Result<M, String>,
+}
+
+impl<M: Message> Delivery<M> {
+    fn new(msg: jetstream::Message) -> Self {
+        let payload = serde_json::from_slice(&msg.payload).map_err(|e| e.to_string());
+        Self { msg, payload }
+    }
+
+    /// The decoded command, or why it could not be decoded (terminate such a message).
+    ///
+    /// # Errors
+    /// The payload is not valid JSON for `M`.
+    pub fn payload(&self) -> Result<&M, &str> {
+        self.payload.as_ref().map_err(String::as_str)
+    }
+
+    /// The raw bytes (for logging an undecodable payload).
+    pub fn raw(&self) -> &[u8] {
+        &self.msg.payload
+    }
+
+    /// How many times this message has been delivered (1 on the first delivery).
+    pub fn delivered(&self) -> i64 {
+        self.msg.info().map(|i| i.delivered).unwrap_or(1)
+    }
+
+    /// The stream sequence, stable across redeliveries.
+    pub fn stream_sequence(&self) -> u64 {
+        self.msg.info().map(|i| i.stream_sequence).unwrap_or(0)
+    }
+
+    /// Acknowledges and waits for the server to confirm, so the message is not redelivered.
+    ///
+    /// # Errors
+    /// The server did not confirm the ack.
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.msg.double_ack().await.map_err(|e| BusError::Ack(e.to_string()))
+    }
+
+    /// Tells the server the work is still going (resets the ack timer).
+    ///
+    /// # Errors
+    /// The signal could not be sent.
+    pub async fn in_progress(&self) -> Result<(), BusError> {
+        self.msg.ack_with(AckKind::Progress).await.map_err(|e| BusError::Ack(e.to_string()))
+    }
+
+    /// Asks for redelivery after `delay` (a transient failure).
+    ///
+    /// # Errors
+    /// The signal could not be sent.
+    pub async fn nak(&self, delay: Option<Duration>) -> Result<(), BusError> {
+        self.msg.ack_with(AckKind::Nak(delay)).await.map_err(|e| BusError::Ack(e.to_string()))
+    }
+
+    /// Stops redelivery for good (an invalid command).
+    ///
+    /// # Errors
+    /// The signal could not be sent.
+    pub async fn term(&self) -> Result<(), BusError> {
+        self.msg.ack_with(AckKind::Term).await.map_err(|e| BusError::Ack(e.to_string()))
+    }
+}

@@ -1,0 +1,222 @@
+//! Connection settings shared by every binary, read from the environment through
+//! a lookup function so tests never touch the process environment.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `NATS_URL` | server URL(s), comma-separated | `nats://127.0.0.1:4222` |
+//! | `NATS_USER` / `NATS_PASSWORD` | user/password auth | none |
+//! | `NATS_TOKEN` | token auth | none |
+//! | `NATS_CREDS` | path of a `.creds` file (NGS / decentralised auth) | none |
+//! | `NATS_PREFIX` | subject prefix | `mnist` |
+//! | `NATS_CONNECT_TIMEOUT_SECS` | how long start-up keeps retrying an unreachable server | `60` |
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_nats::ServerAddr;
+use secrecy::SecretString;
+
+use crate::subjects::Subjects;
+
+/// The subject prefix when `NATS_PREFIX` is unset.
+pub const DEFAULT_PREFIX: &str = "mnist";
+/// The server when `NATS_URL` is unset.
+pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
+
+/// A configuration variable with a bad value. The message names the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(var: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { var: var.into(), message: message.into() }
+    }
+}
+
+/// Reads `name` through `lookup` and parses it; `Ok(None)` when unset or empty.
+///
+/// # Errors
+/// The value does not parse; the error names the variable and the value.
+pub fn var<T>(lookup: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<T>, ConfigError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    match lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(raw) => raw.parse().map(Some).map_err(|e| ConfigError::new(name, format!("cannot parse {raw:?}: {e}"))),
+    }
+}
+
+/// Like [`var`] with a default for the unset case.
+///
+/// # Errors
+/// The value does not parse.
+pub fn var_or<T>(lookup: &impl Fn(&str) -> Option<String>, name: &str, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    Ok(var(lookup, name)?.unwrap_or(default))
+}
+
+/// A boolean variable: `1/0`, `true/false`, `yes/no`, `on/off`.
+///
+/// # Errors
+/// Any other value.
+pub fn flag(lookup: &impl Fn(&str) -> Option<String>, name: &str, default: bool) -> Result<bool, ConfigError> {
+    match lookup(name).map(|v| v.trim().to_ascii_lowercase()).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(v) => match v.as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError::new(name, format!("expected true or false, got {v:?}"))),
+        },
+    }
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub servers: Vec<ServerAddr>,
+    pub subjects: Subjects,
+    pub user: Option<String>,
+    pub password: Option<SecretString>,
+    pub token: Option<SecretString>,
+    pub creds_file: Option<PathBuf>,
+    /// How long [`crate::Bus::connect`] keeps retrying before giving up.
+    pub connect_timeout: Duration,
+    /// The client name shown in the server's monitoring.
+    pub client_name: String,
+}
+
+impl NatsConfig {
+    /// Settings for a server at `url` with defaults for everything else (tests, tools).
+    ///
+    /// # Errors
+    /// `url` is not a NATS URL.
+    pub fn for_url(url: &str) -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| (k == "NATS_URL").then(|| url.to_owned()))
+    }
+
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    /// A variable is malformed; the error names it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `lookup`.
+    ///
+    /// # Errors
+    /// A variable is malformed; the error names it.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let raw = lookup("NATS_URL").filter(|v| !v.trim().is_empty()).unwrap_or_else(|| DEFAULT_URL.to_owned());
+        let servers = raw
+            .split(',')
+            .map(|s| parse_server(s.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("NATS_URL", e))?;
+        let prefix = lookup("NATS_PREFIX").unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        let subjects = Subjects::new(prefix.trim()).map_err(|e| ConfigError::new("NATS_PREFIX", e))?;
+        let secret = |name: &str| lookup(name).filter(|v| !v.is_empty()).map(SecretString::from);
+        let user = lookup("NATS_USER").filter(|v| !v.is_empty());
+        let password = secret("NATS_PASSWORD");
+        if user.is_some() != password.is_some() {
+            return Err(ConfigError::new("NATS_USER", "NATS_USER and NATS_PASSWORD must be set together"));
+        }
+        let token = secret("NATS_TOKEN");
+        let creds_file: Option<PathBuf> = lookup("NATS_CREDS").filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(path) = &creds_file
+            && !path.is_file()
+        {
+            return Err(ConfigError::new("NATS_CREDS", format!("{} is not a readable file", path.display())));
+        }
+        let secs: f64 = var_or(&lookup, "NATS_CONNECT_TIMEOUT_SECS", 60.0)?;
+        if !(secs.is_finite() && secs >= 0.0) {
+            return Err(ConfigError::new("NATS_CONNECT_TIMEOUT_SECS", "must be a non-negative number of seconds"));
+        }
+        Ok(Self {
+            servers,
+            subjects,
+            user,
+            password,
+            token,
+            creds_file,
+            connect_timeout: Duration::from_secs_f64(secs),
+            client_name: "mnistflow".to_owned(),
+        })
+    }
+
+    /// Sets the client name shown in the server's monitoring (`mnistflow-trainer`, ...).
+    #[must_use]
+    pub fn with_client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
+    }
+}
+
+fn parse_server(s: &str) -> Result<ServerAddr, String> {
+    if s.is_empty() {
+        return Err("empty server address".into());
+    }
+    let addr = ServerAddr::from_str(s).map_err(|e| format!("{s:?} is not a NATS URL: {e}"))?;
+    if addr.host().is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    match addr.as_url_str().split("://").next() {
+        Some("nats" | "tls" | "ws" | "wss") => Ok(addr),
+        _ => Err(format!("{s:?}: unsupported scheme (use nats://, tls://, ws:// or wss://)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = NatsConfig::from_lookup(|_| None).unwrap();
+        assert_eq!(c.servers.len(), 1);
+        assert_eq!(c.subjects.prefix(), "mnist");
+        assert_eq!(c.connect_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn malformed_nats_url_is_rejected_naming_the_variable() {
+        for bad in ["http://x:4222", "nats://", "nats://host:notaport", " , "] {
+            let err = NatsConfig::from_lookup(env(Box::leak(Box::new([("NATS_URL", bad)])))).unwrap_err();
+            assert_eq!(err.var, "NATS_URL", "{bad}: {err}");
+            assert!(err.to_string().starts_with("NATS_URL: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn user_without_password_and_bad_prefix_are_rejected() {
+        let err = NatsConfig::from_lookup(env(&[("NATS_USER", "a")])).unwrap_err();
+        assert_eq!(err.var, "NATS_USER");
+        let err = NatsConfig::from_lookup(env(&[("NATS_PREFIX", "a.*")])).unwrap_err();
+        assert_eq!(err.var, "NATS_PREFIX");
+        let err = NatsConfig::from_lookup(env(&[("NATS_CONNECT_TIMEOUT_SECS", "soon")])).unwrap_err();
+        assert_eq!(err.var, "NATS_CONNECT_TIMEOUT_SECS");
+    }
+
+    #[test]
+    fn flags_parse_and_reject_nonsense() {
+        let l = env(&[("A", "yes"), ("B", "0"), ("C", "maybe")]);
+        assert!(flag(&l, "A", false).unwrap());
+        assert!(!flag(&l, "B", true).unwrap());
+        assert!(flag(&l, "D", true).unwrap());
+        assert_eq!(flag(&l, "C", true).unwrap_err().var, "C");
+    }
+}

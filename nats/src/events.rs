@@ -1,0 +1,337 @@
+//! One type per event or command. Field names are the JSON keys; every field
+//! not essential to the message is optional (or has a default) so payloads can be
+//! written by hand, and unknown fields are ignored so producers can add fields.
+//!
+//! Numeric hyperparameters in [`TrainRequest`] are deliberately wide (`i64`,
+//! `f64`): a request with `"epochs": -1` must decode and then be *rejected* with a
+//! clear [`TrainFailed`] event, not vanish as an undecodable message.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::ids::{DatasetId, EventId, ModelVersion, RunId};
+use crate::subjects;
+
+/// A payload tied to its subject.
+pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The subject suffix (see [`crate::subjects`]); the bus adds the prefix.
+    const SUBJECT: &'static str;
+    /// The message's id, used as `Nats-Msg-Id`.
+    fn event_id(&self) -> EventId;
+}
+
+macro_rules! message {
+    ($ty:ty, $subject:expr) => {
+        impl Message for $ty {
+            const SUBJECT: &'static str = $subject;
+            fn event_id(&self) -> EventId {
+                self.event_id
+            }
+        }
+    };
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+/// Command: download the data set (or re-announce it when already stored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetDownload {
+    #[serde(default)]
+    pub event_id: EventId,
+    #[serde(default = "now")]
+    pub requested_at: DateTime<Utc>,
+    /// Mirror base URLs to use instead of the configured ones, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirrors: Option<Vec<String>>,
+    /// Override the downloader's auto-train setting for this download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_train: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+message!(DatasetDownload, subjects::DATASET_DOWNLOAD);
+
+impl Default for DatasetDownload {
+    fn default() -> Self {
+        Self { event_id: EventId::new(), requested_at: now(), mirrors: None, auto_train: None, requested_by: None }
+    }
+}
+
+/// One file of a stored data set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetFile {
+    /// File name in the store, e.g. `train-images-idx3-ubyte.gz`.
+    pub name: String,
+    /// SHA-256 of the *decompressed* IDX content.
+    pub sha256: String,
+    /// Decompressed size in bytes.
+    pub size_bytes: u64,
+    /// Number of items (images or labels) in the file.
+    pub count: u64,
+}
+
+/// Event: a complete, verified data set is in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetReady {
+    #[serde(default)]
+    pub event_id: EventId,
+    pub dataset_id: DatasetId,
+    /// Store key prefix of the data set (`datasets/mnist/<id>/`).
+    pub location: String,
+    #[serde(default)]
+    pub files: Vec<DatasetFile>,
+    #[serde(default)]
+    pub train_count: u64,
+    #[serde(default)]
+    pub test_count: u64,
+    /// The mirror the files came from.
+    #[serde(default)]
+    pub source: String,
+    /// True when identical data was already stored and this is a re-announcement.
+    #[serde(default)]
+    pub reused: bool,
+    /// The download command this answers, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<EventId>,
+    #[serde(default = "now")]
+    pub created_at: DateTime<Utc>,
+}
+message!(DatasetReady, subjects::DATASET_READY);
+
+/// Event: a download failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetFailed {
+    #[serde(default)]
+    pub event_id: EventId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<EventId>,
+    pub reason: String,
+    #[serde(default)]
+    pub mirrors_tried: Vec<String>,
+    #[serde(default)]
+    pub will_retry: bool,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(DatasetFailed, subjects::DATASET_FAILED);
+
+/// Command: train a model. Everything is optional; the trainer fills defaults
+/// from its configuration and the named preset, then validates.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainRequest {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The data set to train on; the latest stored one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_id: Option<DatasetId>,
+    /// A named preset (`default`, `best`, ...) whose values the other fields override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    /// `adadelta`, `adam`, `adamw`, `sgd`, `rmsprop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Stop training after this many minutes (then evaluate and publish what there is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_minutes: Option<f64>,
+    /// Train on at most this many examples per epoch (short runs, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_train_examples: Option<i64>,
+    /// Promote even when worse than the current version (the accuracy floor still applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+message!(TrainRequest, subjects::TRAIN_REQUEST);
+
+/// Event: progress of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainProgress {
+    #[serde(default)]
+    pub event_id: EventId,
+    pub run_id: RunId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<EventId>,
+    /// `training` while steps run, then `evaluating`, `exporting`.
+    #[serde(default)]
+    pub phase: String,
+    pub epoch: u32,
+    pub epochs: u32,
+    pub step: u64,
+    pub steps: u64,
+    /// Mean training loss since the previous progress event.
+    pub loss: f64,
+    pub examples_per_sec: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<f64>,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(TrainProgress, subjects::TRAIN_PROGRESS);
+
+/// Event: a training run failed or its request was rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainFailed {
+    #[serde(default)]
+    pub event_id: EventId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<RunId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<EventId>,
+    pub reason: String,
+    /// Whether the request will be delivered again (transient failure).
+    #[serde(default)]
+    pub will_retry: bool,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(TrainFailed, subjects::TRAIN_FAILED);
+
+/// Test-set metrics of a model version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelMetrics {
+    pub accuracy: f64,
+    pub loss: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_class_accuracy: Vec<f64>,
+    /// `confusion[true][predicted]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Event: a model version was stored; `promoted` says whether it is now `CURRENT`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelPublished {
+    #[serde(default)]
+    pub event_id: EventId,
+    pub version: ModelVersion,
+    /// Store key prefix of the version (`models/mnist-cnn/<version>/`).
+    pub location: String,
+    /// SHA-256 of `model.pt`.
+    pub sha256: String,
+    pub metrics: ModelMetrics,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_id: Option<DatasetId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<RunId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<EventId>,
+    /// The hyperparameters the run actually used.
+    #[serde(default)]
+    pub hyperparameters: serde_json::Value,
+    pub promoted: bool,
+    /// Why it was (not) promoted, in words.
+    #[serde(default)]
+    pub promotion: String,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(ModelPublished, subjects::MODEL_PUBLISHED);
+
+/// Command: serve this version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelPromote {
+    #[serde(default)]
+    pub event_id: EventId,
+    pub version: ModelVersion,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+message!(ModelPromote, subjects::MODEL_PROMOTE);
+
+/// Event: an inference instance loaded a version, or refused one and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceLoaded {
+    #[serde(default)]
+    pub event_id: EventId,
+    pub instance: String,
+    /// The version now served (after a refusal: the one still served, if any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<ModelVersion>,
+    pub ok: bool,
+    /// The version that was refused, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<ModelVersion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub load_ms: f64,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(InferenceLoaded, subjects::INFERENCE_LOADED);
+
+/// Reply to a prediction (HTTP and `mnist.predict` alike).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub digit: u8,
+    pub probabilities: Vec<f32>,
+    pub model_version: ModelVersion,
+}
+
+/// Error reply to a prediction: `{"error": {"code": 415, "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictError {
+    pub error: ErrorBody,
+}
+
+/// The body of an error reply; `code` follows HTTP status semantics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: u16,
+    pub message: String,
+}
+
+impl PredictError {
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        Self { error: ErrorBody { code, message: message.into() } }
+    }
+}
+
+/// A reply on `mnist.predict`: either a prediction or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PredictReply {
+    Ok(Prediction),
+    Err(PredictError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_written_payloads_decode() {
+        let r: TrainRequest = serde_json::from_str(r#"{"epochs":2}"#).unwrap();
+        assert_eq!(r.epochs, Some(2));
+        assert_eq!(r.event_id.0.get_version_num(), 7);
+        let r: TrainRequest = serde_json::from_str(r#"{"epochs":-1,"batch_size":0,"optimizer":"nope"}"#).unwrap();
+        assert_eq!(r.epochs, Some(-1));
+        let d: DatasetDownload = serde_json::from_str("{}").unwrap();
+        assert!(d.mirrors.is_none());
+        let p: ModelPromote = serde_json::from_str(r#"{"version":"20261130-050000-abcdef","extra":1}"#).unwrap();
+        assert_eq!(p.version.as_str(), "20261130-050000-abcdef");
+    }
+
+    #[test]
+    fn predict_replies_are_told_apart() {
+        let ok: PredictReply =
+            serde_json::from_str(r#"{"digit":7,"probabilities":[0,0,0,0,0,0,0,1,0,0],"model_version":"v"}"#).unwrap();
+        assert!(matches!(ok, PredictReply::Ok(Prediction { digit: 7, .. })));
+        let err: PredictReply = serde_json::from_str(r#"{"error":{"code":415,"message":"no"}}"#).unwrap();
+        assert!(matches!(err, PredictReply::Err(PredictError { error: ErrorBody { code: 415, .. } })));
+    }
+}

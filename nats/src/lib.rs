@@ -1,0 +1,31 @@
+//! mnistflow's wire contract, the only crate that serialises or publishes.
+//!
+//! - [`subjects`]: every subject, under a configurable prefix (`mnist` by default).
+//! - [`ids`]: UUID v7 event ids and the other identifiers that travel in payloads.
+//! - [`events`]: one type per event or command of DESIGN.md, tied to its subject
+//!   by the [`Message`] trait; every field but the essential ones is optional so a
+//!   person can write payloads by hand (`nats pub mnist.train.request '{"epochs":2}'`).
+//! - [`streams`]: the JetStream streams and durable consumers, created idempotently.
+//! - [`bus`]: the typed [`Bus`]: connect with retry, publish with `Nats-Msg-Id`
+//!   de-duplication, typed subscriptions and work queues that report undecodable
+//!   messages instead of panicking.
+//! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
+//! - [`runtime`]: process plumbing shared by every binary (tracing, shutdown).
+
+pub mod bus;
+pub mod config;
+pub mod events;
+pub mod ids;
+pub mod runtime;
+pub mod streams;
+pub mod subjects;
+
+pub use bus::{Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions};
+pub use config::{ConfigError, NatsConfig};
+pub use events::*;
+pub use ids::{DatasetId, EventId, ModelVersion, RunId};
+pub use subjects::Subjects;
+
+/// Re-exported so that callers need not depend on `async-nats` directly for the
+/// few client types the bus hands out (request/reply for predictions).
+pub use async_nats;
