@@ -1,0 +1,45 @@
+use mnistflow_nats::BusError;
+use mnistflow_store::StoreError;
+
+/// Why a data set could not be obtained or announced.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// Every mirror failed for one file; each entry names the file, the mirror and what went wrong.
+    #[error("{file}: every mirror failed: {}", .attempts.join("; "))]
+    Exhausted { file: String, attempts: Vec<String> },
+    /// Each file is valid on its own but they do not belong together.
+    #[error("the downloaded files disagree: {0}")]
+    Inconsistent(String),
+    /// The command cannot be carried out as given (an invalid mirror, an undecodable payload).
+    #[error("invalid download command: {0}")]
+    BadRequest(String),
+    /// Staging on the local disk failed (disk full, permissions) or the HTTP client could not start.
+    #[error("local staging: {0}")]
+    Local(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("announcing on NATS: {0}")]
+    Bus(#[from] BusError),
+    #[error("shutdown requested")]
+    Cancelled,
+}
+
+impl DownloadError {
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Exhausted { .. } => "mirrors_exhausted",
+            Self::Inconsistent(_) => "inconsistent",
+            Self::BadRequest(_) => "bad_request",
+            Self::Local(_) => "local",
+            Self::Store(_) => "store",
+            Self::Bus(_) => "bus",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the same command may succeed later (mirrors come back, NATS reconnects).
+    pub fn transient(&self) -> bool {
+        !matches!(self, Self::BadRequest(_) | Self::Inconsistent(_))
+    }
+}
