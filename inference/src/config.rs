@@ -1,0 +1,222 @@
+//! The stage's configuration, read through a lookup function (`INFERENCE_*` plus the
+//! shared `NATS_*` and `STORE_URL`).
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `INFERENCE_ADDRESS` / `INFERENCE_PORT` | where the HTTP API listens (port 0: any free port) | `0.0.0.0` / `8080` |
+//! | `INFERENCE_WORKERS` | Rocket worker threads | number of CPUs |
+//! | `INFERENCE_MAX_BATCH` | most images in one forward pass | `64` |
+//! | `INFERENCE_MAX_WAIT_MS` | how long the batcher waits to fill a batch after the first request | `2` |
+//! | `INFERENCE_QUEUE_CAPACITY` | requests waiting for the compute thread before 503 | `1024` |
+//! | `INFERENCE_TORCH_THREADS` | libtorch intra-op threads (0: libtorch's default) | `0` |
+//! | `INFERENCE_MAX_BODY_BYTES` | largest accepted upload (HTTP 413) | `10485760` (10 MiB) |
+//! | `INFERENCE_MAX_PIXELS` | largest decoded image, width × height (HTTP 422) | `40000000` |
+//! | `INFERENCE_MAX_DIMENSION` | largest width or height (HTTP 422) | `20000` |
+//! | `INFERENCE_REQUEST_TIMEOUT_MS` | longest wait for an answer from the compute thread (then 503) | `10000` |
+//! | `INFERENCE_MODEL_VERSION` | pin this version, ignoring `CURRENT` | unset |
+//! | `INFERENCE_POLL_SECS` | how often `CURRENT` is polled besides file notifications and events | `5` |
+//! | `INFERENCE_DRAIN_SECS` | shutdown deadline for in-flight work (keep it under the pod's grace period) | `20` |
+//! | `INFERENCE_INSTANCE` | the instance name in events | `HOSTNAME`, else random |
+//! | `INFERENCE_PROMOTER` | consume `model.promote` commands here | `true` |
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use mnistflow_nats::config::{flag, var, var_or};
+use mnistflow_nats::{ConfigError, ModelVersion, NatsConfig};
+
+/// Limits applied to every upload, HTTP and NATS alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted body in bytes.
+    pub max_body_bytes: u64,
+    /// Largest decoded image (width × height).
+    pub max_pixels: u64,
+    /// Largest width or height.
+    pub max_dimension: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_body_bytes: 10 * 1024 * 1024, max_pixels: 40_000_000, max_dimension: 20_000 }
+    }
+}
+
+/// How the micro-batcher groups requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub queue_capacity: usize,
+    /// libtorch intra-op threads for the compute thread; 0 keeps libtorch's default.
+    pub torch_threads: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_batch: 64, max_wait: Duration::from_millis(2), queue_capacity: 1024, torch_threads: 0 }
+    }
+}
+
+/// The stage's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub store_url: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub workers: usize,
+    pub batch: BatchConfig,
+    pub limits: Limits,
+    pub request_timeout: Duration,
+    pub pinned_version: Option<ModelVersion>,
+    pub poll: Duration,
+    pub drain: Duration,
+    pub instance: String,
+    pub promoter: bool,
+}
+
+impl Config {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    /// A variable is malformed; the error names it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `lookup`.
+    ///
+    /// # Errors
+    /// A variable is malformed or out of range; the error names it.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let nats = NatsConfig::from_lookup(&lookup)?.with_client_name("mnistflow-inference");
+        let store_url =
+            lookup("STORE_URL").filter(|v| !v.trim().is_empty()).unwrap_or_else(|| ".mnistflow/store".into());
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+        let positive = |name: &str, v: u64| {
+            if v == 0 { Err(ConfigError::new(name, "must be greater than 0")) } else { Ok(v) }
+        };
+        let max_batch = positive("INFERENCE_MAX_BATCH", var_or(&lookup, "INFERENCE_MAX_BATCH", 64)?)?;
+        if max_batch > 4096 {
+            return Err(ConfigError::new("INFERENCE_MAX_BATCH", "must be at most 4096"));
+        }
+        let queue_capacity =
+            positive("INFERENCE_QUEUE_CAPACITY", var_or(&lookup, "INFERENCE_QUEUE_CAPACITY", 1024)?)?;
+        let batch = BatchConfig {
+            max_batch: max_batch as usize,
+            max_wait: Duration::from_millis(var_or(&lookup, "INFERENCE_MAX_WAIT_MS", 2)?),
+            queue_capacity: queue_capacity as usize,
+            torch_threads: var_or(&lookup, "INFERENCE_TORCH_THREADS", 0)?,
+        };
+        let limits = Limits {
+            max_body_bytes: positive(
+                "INFERENCE_MAX_BODY_BYTES",
+                var_or(&lookup, "INFERENCE_MAX_BODY_BYTES", Limits::default().max_body_bytes)?,
+            )?,
+            max_pixels: positive(
+                "INFERENCE_MAX_PIXELS",
+                var_or(&lookup, "INFERENCE_MAX_PIXELS", Limits::default().max_pixels)?,
+            )?,
+            max_dimension: positive(
+                "INFERENCE_MAX_DIMENSION",
+                var_or(&lookup, "INFERENCE_MAX_DIMENSION", u64::from(Limits::default().max_dimension))?,
+            )?
+            .try_into()
+            .map_err(|_| ConfigError::new("INFERENCE_MAX_DIMENSION", "too large"))?,
+        };
+        let pinned_version: Option<String> = var(&lookup, "INFERENCE_MODEL_VERSION")?;
+        let pinned_version = match pinned_version {
+            Some(v) if !ModelVersion::is_valid(&v) => {
+                return Err(ConfigError::new("INFERENCE_MODEL_VERSION", format!("{v:?} is not a valid version name")));
+            }
+            other => other.map(ModelVersion),
+        };
+        let secs = |name: &str, default: f64| -> Result<Duration, ConfigError> {
+            let v: f64 = var_or(&lookup, name, default)?;
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(ConfigError::new(name, "must be a positive number of seconds"))
+            }
+        };
+        let instance = lookup("INFERENCE_INSTANCE")
+            .or_else(|| lookup("HOSTNAME"))
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("inference-{}", &mnistflow_nats::EventId::new().to_string()[24..]));
+        Ok(Self {
+            nats,
+            store_url,
+            address: var_or(&lookup, "INFERENCE_ADDRESS", IpAddr::from([0, 0, 0, 0]))?,
+            port: var_or(&lookup, "INFERENCE_PORT", 8080)?,
+            workers: positive("INFERENCE_WORKERS", var_or(&lookup, "INFERENCE_WORKERS", cpus as u64)?)? as usize,
+            batch,
+            limits,
+            request_timeout: Duration::from_millis(positive(
+                "INFERENCE_REQUEST_TIMEOUT_MS",
+                var_or(&lookup, "INFERENCE_REQUEST_TIMEOUT_MS", 10_000)?,
+            )?),
+            pinned_version,
+            poll: secs("INFERENCE_POLL_SECS", 5.0)?,
+            drain: secs("INFERENCE_DRAIN_SECS", 20.0)?,
+            instance,
+            promoter: flag(&lookup, "INFERENCE_PROMOTER", true)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.batch, BatchConfig::default());
+        assert_eq!(c.limits, Limits::default());
+        assert!(c.pinned_version.is_none());
+        assert!(c.promoter);
+    }
+
+    #[test]
+    fn settings_are_read_from_their_variables() {
+        let c = Config::from_lookup(env(&[
+            ("INFERENCE_PORT", "0"),
+            ("INFERENCE_MAX_BATCH", "8"),
+            ("INFERENCE_MAX_WAIT_MS", "5"),
+            ("INFERENCE_MODEL_VERSION", "20261130-050000-abcdef"),
+            ("INFERENCE_INSTANCE", "pod-1"),
+            ("INFERENCE_PROMOTER", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(c.port, 0);
+        assert_eq!(c.batch.max_batch, 8);
+        assert_eq!(c.batch.max_wait, Duration::from_millis(5));
+        assert_eq!(c.pinned_version.unwrap().as_str(), "20261130-050000-abcdef");
+        assert_eq!(c.instance, "pod-1");
+        assert!(!c.promoter);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_naming_the_variable() {
+        for (name, value) in [
+            ("INFERENCE_PORT", "http"),
+            ("INFERENCE_MAX_BATCH", "0"),
+            ("INFERENCE_MAX_BATCH", "100000"),
+            ("INFERENCE_MAX_BODY_BYTES", "-1"),
+            ("INFERENCE_MODEL_VERSION", "../etc"),
+            ("INFERENCE_DRAIN_SECS", "0"),
+            ("INFERENCE_ADDRESS", "localhost:80"),
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] = Box::leak(Box::new([(name, value)]));
+            let err = Config::from_lookup(env(pairs)).unwrap_err();
+            assert_eq!(err.var, name, "{value}: {err}");
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The `inference` binary: telemetry, configuration, a runtime with
+//! `INFERENCE_WORKERS` threads, the shutdown trigger, then the library.
+
+fn main() -> anyhow::Result<()> {
+    mnistflow_nats::runtime::init_tracing();
+    let config = mnistflow_inference::Config::from_env()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .thread_name("inference-worker")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let shutdown = mnistflow_nats::runtime::shutdown_token();
+        mnistflow_inference::main_with(config, shutdown).await
+    })
+}

@@ -1,0 +1,179 @@
+//! Hot reload: follow `CURRENT` (file notifications and polling through
+//! [`mnistflow_store::watch::watch_current`], plus `model.published` events for an
+//! immediate check), or a pinned version; load off the request path, verify the
+//! SHA-256 (the store does), warm up (the model does), then swap atomically.
+//!
+//! A version that fails is refused: the old model keeps serving, a
+//! `mnist.inference.loaded` event with `ok: false` says why, and the version is
+//! not tried again until `CURRENT` names it anew. Transient store errors (the
+//! backend unreachable, a pinned version not yet published) are retried on the
+//! poll interval and reported once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mnistflow_nats::{Bus, InferenceLoaded, ModelPublished, ModelVersion, Received};
+use mnistflow_store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::model::{Model, ModelSlot};
+
+/// Follows the version to serve and keeps the slot loaded with it.
+#[derive(Debug)]
+pub struct Reloader {
+    pub store: Store,
+    pub bus: Bus,
+    pub slot: Arc<ModelSlot>,
+    pub metrics: Metrics,
+    pub instance: String,
+    pub pinned: Option<ModelVersion>,
+    pub poll: Duration,
+}
+
+/// The outcome of one attempt, for the bookkeeping of [`Reloader::run`].
+enum Attempt {
+    Loaded,
+    /// Will not be retried until the wanted version changes.
+    Refused,
+    /// May succeed later (store unreachable, version not yet there).
+    Transient(String),
+}
+
+impl Reloader {
+    /// Runs until `shutdown`. Loads the wanted version at once, then on every change.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut current =
+            self.pinned.is_none().then(|| mnistflow_store::watch::watch_current(self.store.clone(), self.poll, shutdown.child_token()));
+        let mut published = match self.bus.subscribe::<ModelPublished>().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "Cannot subscribe to model.published; following CURRENT by polling only.");
+                None
+            }
+        };
+        let mut ticker = tokio::time::interval(self.poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refused: Option<ModelVersion> = None;
+        let mut reported: Option<ModelVersion> = None;
+        loop {
+            self.check(&mut refused, &mut reported).await;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                changed = async { current.as_mut()?.changed().await.ok() }, if current.is_some() => {
+                    if changed.is_none() {
+                        current = None;
+                    }
+                }
+                msg = async { published.as_mut()?.next().await }, if published.is_some() => match msg {
+                    Some(Received::Message(event)) => info!(version = %event.version, promoted = event.promoted, "Model published; checking CURRENT."),
+                    Some(Received::Undecodable { .. }) => {}
+                    None => published = None,
+                },
+                _ = ticker.tick() => {}
+            }
+        }
+        info!("Model reloader stopped.");
+    }
+
+    /// The version that should be served now.
+    async fn wanted(&self) -> Result<Option<ModelVersion>, StoreError> {
+        match &self.pinned {
+            Some(v) => Ok(Some(v.clone())),
+            None => self.store.current().await,
+        }
+    }
+
+    async fn check(&self, refused: &mut Option<ModelVersion>, reported: &mut Option<ModelVersion>) {
+        let wanted = match self.wanted().await {
+            Ok(Some(v)) => v,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "Reading CURRENT failed; will retry.");
+                return;
+            }
+        };
+        if self.slot.version().as_ref() == Some(&wanted) || refused.as_ref() == Some(&wanted) {
+            return;
+        }
+        match self.load(&wanted).await {
+            Attempt::Loaded => {
+                *refused = None;
+                *reported = None;
+            }
+            Attempt::Refused => *refused = Some(wanted),
+            Attempt::Transient(error) => {
+                if reported.as_ref() != Some(&wanted) {
+                    warn!(version = %wanted, %error, "Cannot load the wanted version yet; will retry.");
+                    self.announce_refusal(&wanted, &error, 0.0).await;
+                    *reported = Some(wanted);
+                }
+            }
+        }
+    }
+
+    /// Loads, verifies, warms up and swaps in `version`.
+    async fn load(&self, version: &ModelVersion) -> Attempt {
+        let started = Instant::now();
+        let (bytes, metadata) = match self.store.load_model(version).await {
+            Ok(loaded) => loaded,
+            Err(e @ (StoreError::NotFound(_) | StoreError::Backend(_) | StoreError::Io(_))) => {
+                return Attempt::Transient(e.to_string());
+            }
+            Err(e) => return self.refuse(version, &e.to_string(), started).await,
+        };
+        let v = version.clone();
+        let loaded = tokio::task::spawn_blocking(move || Model::load(&bytes, v, Some(metadata))).await;
+        let model = match loaded {
+            Ok(Ok(model)) => Arc::new(model),
+            Ok(Err(e)) => return self.refuse(version, &e.to_string(), started).await,
+            Err(e) => return self.refuse(version, &format!("loading panicked: {e}"), started).await,
+        };
+        let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let previous = self.slot.swap(model);
+        self.metrics.serving(version.as_str());
+        self.metrics.reload(true);
+        info!(%version, previous = ?previous.as_ref().map(|m| m.version.as_str()), load_ms, "Model loaded and serving.");
+        // The previous model is freed when the last batch holding it ends.
+        drop(previous);
+        let event = InferenceLoaded {
+            event_id: Default::default(),
+            instance: self.instance.clone(),
+            version: Some(version.clone()),
+            ok: true,
+            refused: None,
+            error: None,
+            load_ms,
+            at: chrono::Utc::now(),
+        };
+        if let Err(e) = self.bus.publish(&event).await {
+            warn!(error = %e, "Publishing inference.loaded failed.");
+        }
+        Attempt::Loaded
+    }
+
+    async fn refuse(&self, version: &ModelVersion, error: &str, started: Instant) -> Attempt {
+        self.metrics.reload(false);
+        warn!(%version, %error, serving = ?self.slot.version().map(|v| v.0), "Model version refused; the previous one keeps serving.");
+        self.announce_refusal(version, error, started.elapsed().as_secs_f64() * 1000.0).await;
+        Attempt::Refused
+    }
+
+    async fn announce_refusal(&self, version: &ModelVersion, error: &str, load_ms: f64) {
+        let event = InferenceLoaded {
+            event_id: Default::default(),
+            instance: self.instance.clone(),
+            version: self.slot.version(),
+            ok: false,
+            refused: Some(version.clone()),
+            error: Some(error.to_owned()),
+            load_ms,
+            at: chrono::Utc::now(),
+        };
+        if let Err(e) = self.bus.publish(&event).await {
+            warn!(error = %e, "Publishing inference.loaded failed.");
+        }
+    }
+}
