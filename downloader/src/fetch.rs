@@ -232,7 +232,7 @@ impl Fetcher {
         let response = tokio::time::timeout(stall, request.send())
             .await
             .map_err(|_| AttemptError::Stalled(stall))?
-            .map_err(|e| AttemptError::Transport(error_chain(&e)))?;
+            .map_err(|e| AttemptError::Transport(error_chain(&e.without_url())))?;
         let status = response.status();
         let length = response.content_length();
         let (file, start) = if status == StatusCode::PARTIAL_CONTENT && have > 0 {
@@ -269,7 +269,7 @@ impl Fetcher {
                 Ok(Some(Err(e))) => {
                     break Err(match expected {
                         Some(expected) if received < expected => AttemptError::Truncated { received, expected },
-                        _ => AttemptError::Transport(error_chain(&e)),
+                        _ => AttemptError::Transport(error_chain(&e.without_url())),
                     });
                 }
                 Ok(Some(Ok(chunk))) => {

@@ -10,6 +10,8 @@ use mnistflow_nats::{Bus, DatasetDownload, DatasetFailed, DatasetReady, EventId,
 use mnistflow_store::{DatasetManifest, Store, StoreError};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 use url::Url;
 use uuid::Uuid;
@@ -116,7 +118,10 @@ impl Downloader {
     /// See [`DownloadError`]; nothing is announced on error.
     pub async fn download(&self, origin: &Origin) -> Result<DatasetReady, DownloadError> {
         let command = origin.command.as_ref();
-        let span = info_span!("download", request_id = ?origin.request_id());
+        let span = info_span!("download", request_id = Empty);
+        if let Some(id) = origin.request_id() {
+            span.record("request_id", tracing::field::display(id));
+        }
         async {
             let started = Instant::now();
             let mirrors = match command.and_then(|c| c.mirrors.as_ref()) {
@@ -207,7 +212,28 @@ impl Downloader {
             None => builder.tempdir(),
         }
         .map_err(|e| DownloadError::Local(format!("staging directory: {e}")))?;
-        let progress = progress_bar(config.progress.enabled());
+        let bar = config.progress.enabled();
+        let progress = progress_bar(bar);
+        // Without a terminal, a log line now and then instead of a bar.
+        let _reporter = (!bar).then(|| {
+            let progress = progress.clone();
+            AbortOnDropHandle::new(tokio::spawn(
+                async move {
+                    let mut tick = tokio::time::interval(PROGRESS_LOG_EVERY);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        info!(
+                            bytes = progress.position(),
+                            total = progress.length(),
+                            bytes_per_sec = progress.per_sec() as u64,
+                            "Downloading."
+                        );
+                    }
+                }
+                .in_current_span(),
+            ))
+        });
         let started = Instant::now();
         let fetched = futures::future::try_join_all(FILES.iter().enumerate().map(|(i, file)| {
             let expected = expected.as_ref().map(|e| e[i].as_str());
@@ -275,6 +301,9 @@ impl Downloader {
         }
     }
 }
+
+/// How often progress is logged when no bar is drawn.
+const PROGRESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn progress_bar(enabled: bool) -> ProgressBar {
     if !enabled {
