@@ -203,6 +203,63 @@ impl Bus {
     }
 }
 
+/// One message from the events stream, undecoded (its type follows from `suffix`).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// The subject without the prefix, e.g. `model.published`.
+    pub suffix: String,
+    pub payload: bytes::Bytes,
+    /// Stream sequence: increasing, gap-free per stream.
+    pub sequence: u64,
+}
+
+/// A replay of the events stream followed by live events.
+pub struct EventReplay {
+    messages: jetstream::consumer::pull::Ordered,
+    subjects: Subjects,
+    /// The stream's last sequence when the replay began: everything up to it is history.
+    pub last_at_start: u64,
+}
+
+impl EventReplay {
+    /// The next stored event (history first, then live); `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<Result<StoredEvent, BusError>> {
+        let msg = self.messages.next().await?;
+        Some(match msg {
+            Ok(m) => {
+                let sequence = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let suffix = self.subjects.suffix(&m.subject).unwrap_or(m.subject.as_str()).to_owned();
+                Ok(StoredEvent { suffix, payload: m.payload.clone(), sequence })
+            }
+            Err(e) => Err(BusError::Subscribe { subject: self.subjects.all(), message: e.to_string() }),
+        })
+    }
+}
+
+impl Bus {
+    /// Replays the events stream from `from` (e.g. `DeliverPolicy::All`,
+    /// `DeliverPolicy::LastPerSubject`, `ByStartTime`), then follows it live,
+    /// through an ephemeral ordered consumer.
+    ///
+    /// # Errors
+    /// The events stream is missing (call [`Bus::ensure_streams`]).
+    pub async fn replay_events(&self, from: jetstream::consumer::DeliverPolicy) -> Result<EventReplay, BusError> {
+        let name = self.subjects.stream_name(streams::EVENTS);
+        let mut stream =
+            self.js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
+        let last_at_start = stream.info().await.map_err(|e| BusError::Stream(e.to_string()))?.state.last_sequence;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig { deliver_policy: from, ..Default::default() })
+            .await
+            .map_err(|e| BusError::Stream(format!("replay consumer on {name}: {e}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::Subscribe { subject: self.subjects.all(), message: e.to_string() })?;
+        Ok(EventReplay { messages, subjects: self.subjects.clone(), last_at_start })
+    }
+}
+
 async fn options(config: &NatsConfig) -> Result<ConnectOptions, BusError> {
     let mut options = ConnectOptions::new()
         .name(&config.client_name)

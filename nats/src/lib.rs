@@ -20,7 +20,10 @@ pub mod runtime;
 pub mod streams;
 pub mod subjects;
 
-pub use bus::{Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions};
+pub use bus::{
+    Bus, BusError, Delivery, EventReplay, Published, Received, StoredEvent, TypedSubscriber, WorkQueue,
+    WorkQueueOptions,
+};
 pub use config::{ConfigError, NatsConfig};
 pub use events::*;
 pub use ids::{DatasetId, EventId, ModelVersion, RunId};

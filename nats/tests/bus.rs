@@ -270,3 +270,33 @@ async fn credentials_from_config_are_used_and_refusals_are_not_retried() {
     bus.publish(&TrainRequest::default()).await.unwrap();
     assert!(tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn a_late_subscriber_replays_history_then_follows_live_events() {
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    let failed = |reason: &str| DatasetFailed {
+        event_id: EventId::new(),
+        request_id: None,
+        reason: reason.into(),
+        mirrors_tried: vec![],
+        will_retry: false,
+        at: chrono::Utc::now(),
+    };
+    bus.publish(&failed("one")).await.unwrap();
+    bus.publish(&failed("two")).await.unwrap();
+    // Commands are not events: they must not show up in the replay.
+    bus.publish(&TrainRequest::default()).await.unwrap();
+    let mut replay = bus.replay_events(async_nats::jetstream::consumer::DeliverPolicy::All).await.unwrap();
+    assert_eq!(replay.last_at_start, 2);
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let e = tokio::time::timeout(Duration::from_secs(5), replay.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(e.suffix, "dataset.failed");
+        reasons.push(serde_json::from_slice::<DatasetFailed>(&e.payload).unwrap().reason);
+    }
+    assert_eq!(reasons, ["one", "two"]);
+    bus.publish(&failed("three")).await.unwrap();
+    let live = tokio::time::timeout(Duration::from_secs(5), replay.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(live.sequence, 3);
+}
