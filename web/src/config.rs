@@ -1,0 +1,167 @@
+//! The web tier's configuration, read from `WEB_*` variables (plus the shared `NATS_*`).
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `WEB_ADDRESS` | address to listen on | `0.0.0.0` |
+//! | `WEB_PORT` | port to listen on (`0`: any free port, reported at start) | `8080` |
+//! | `WEB_PREDICT_TIMEOUT_MS` | how long a prediction may wait for an inference instance | `5000` |
+//! | `WEB_MAX_UPLOAD_BYTES` | largest accepted upload (NATS' default `max_payload` is 1 MiB) | `1048576` |
+//! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
+//! | `WEB_EVENTS_REPLAY` | how many recent events a new page replays (plus the last of each kind) | `1000` |
+//! | `WEB_SSE_HEARTBEAT_SECS` | keep-alive comment interval on the event stream | `15` |
+//! | `WEB_SHUTDOWN_GRACE_SECS` | how long open connections may finish after shutdown is requested | `5` |
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use mnistflow_nats::config::{var_or, ConfigError};
+use mnistflow_nats::NatsConfig;
+use secrecy::{ExposeSecret, SecretString};
+
+/// The shortest admin token accepted: a guessable token is worse than none.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+/// The most events a page may ask to replay.
+pub const MAX_EVENTS_REPLAY: usize = 10_000;
+
+/// Everything the web tier reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub address: IpAddr,
+    pub port: u16,
+    pub predict_timeout: Duration,
+    pub max_upload_bytes: u64,
+    /// `None` disables the admin API entirely (its routes answer 404).
+    pub admin_token: Option<SecretString>,
+    pub events_replay: usize,
+    pub sse_heartbeat: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    /// A variable is malformed; the error names it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `lookup`.
+    ///
+    /// # Errors
+    /// A variable is malformed; the error names it.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let nats = NatsConfig::from_lookup(&lookup)?.with_client_name("mnistflow-web");
+        let address: IpAddr = var_or(&lookup, "WEB_ADDRESS", IpAddr::from([0, 0, 0, 0]))?;
+        let port: u16 = var_or(&lookup, "WEB_PORT", 8080)?;
+        let timeout_ms: u64 = var_or(&lookup, "WEB_PREDICT_TIMEOUT_MS", 5_000)?;
+        if timeout_ms == 0 {
+            return Err(ConfigError::new("WEB_PREDICT_TIMEOUT_MS", "must be at least 1"));
+        }
+        let max_upload_bytes: u64 = var_or(&lookup, "WEB_MAX_UPLOAD_BYTES", 1_048_576)?;
+        if max_upload_bytes == 0 {
+            return Err(ConfigError::new("WEB_MAX_UPLOAD_BYTES", "must be at least 1"));
+        }
+        let admin_token = lookup("WEB_ADMIN_TOKEN").filter(|v| !v.trim().is_empty()).map(SecretString::from);
+        if let Some(token) = &admin_token {
+            let token = token.expose_secret();
+            if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.trim() != token {
+                return Err(ConfigError::new(
+                    "WEB_ADMIN_TOKEN",
+                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without surrounding spaces"),
+                ));
+            }
+        }
+        let events_replay: usize = var_or(&lookup, "WEB_EVENTS_REPLAY", 1_000)?;
+        if events_replay > MAX_EVENTS_REPLAY {
+            return Err(ConfigError::new("WEB_EVENTS_REPLAY", format!("at most {MAX_EVENTS_REPLAY}")));
+        }
+        let heartbeat: u64 = var_or(&lookup, "WEB_SSE_HEARTBEAT_SECS", 15)?;
+        if heartbeat == 0 {
+            return Err(ConfigError::new("WEB_SSE_HEARTBEAT_SECS", "must be at least 1"));
+        }
+        let grace: u64 = var_or(&lookup, "WEB_SHUTDOWN_GRACE_SECS", 5)?;
+        Ok(Self {
+            nats,
+            address,
+            port,
+            predict_timeout: Duration::from_millis(timeout_ms),
+            max_upload_bytes,
+            admin_token,
+            events_replay,
+            sse_heartbeat: Duration::from_secs(heartbeat),
+            shutdown_grace: Duration::from_secs(grace),
+        })
+    }
+
+    /// Whether the admin API and controls are enabled.
+    pub fn admin_enabled(&self) -> bool {
+        self.admin_token.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.address.to_string(), "0.0.0.0");
+        assert_eq!(c.predict_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_upload_bytes, 1_048_576);
+        assert!(!c.admin_enabled());
+        assert_eq!(c.nats.client_name, "mnistflow-web");
+    }
+
+    #[test]
+    fn every_setting_is_read_from_its_variable() {
+        let c = Config::from_lookup(env(&[
+            ("WEB_ADDRESS", "127.0.0.1"),
+            ("WEB_PORT", "0"),
+            ("WEB_PREDICT_TIMEOUT_MS", "250"),
+            ("WEB_MAX_UPLOAD_BYTES", "1000"),
+            ("WEB_ADMIN_TOKEN", "0123456789abcdef"),
+            ("WEB_EVENTS_REPLAY", "5"),
+            ("WEB_SSE_HEARTBEAT_SECS", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(c.address.to_string(), "127.0.0.1");
+        assert_eq!(c.port, 0);
+        assert_eq!(c.predict_timeout, Duration::from_millis(250));
+        assert_eq!(c.max_upload_bytes, 1000);
+        assert!(c.admin_enabled());
+        assert_eq!(c.events_replay, 5);
+        assert_eq!(c.sse_heartbeat, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn malformed_values_are_rejected_naming_the_variable() {
+        for (var, bad) in [
+            ("WEB_ADDRESS", "localhost:80"),
+            ("WEB_PORT", "70000"),
+            ("WEB_PREDICT_TIMEOUT_MS", "0"),
+            ("WEB_PREDICT_TIMEOUT_MS", "soon"),
+            ("WEB_MAX_UPLOAD_BYTES", "-1"),
+            ("WEB_ADMIN_TOKEN", "short"),
+            ("WEB_EVENTS_REPLAY", "100000"),
+            ("WEB_SSE_HEARTBEAT_SECS", "0"),
+        ] {
+            let err = Config::from_lookup(env(&[(var, bad)])).unwrap_err();
+            assert_eq!(err.var, var, "{var}={bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_admin_token_leaves_admin_disabled() {
+        let c = Config::from_lookup(env(&[("WEB_ADMIN_TOKEN", "  ")])).unwrap();
+        assert!(!c.admin_enabled());
+    }
+}

@@ -1,0 +1,188 @@
+//! mnistflow's web tier: the page people use, a stateless Rocket service that
+//! talks only NATS (no store, no libtorch), so any number of replicas can sit
+//! behind one load balancer.
+//!
+//! - [`config`]: `WEB_*` settings.
+//! - `page`: `GET /` (one HTML page with its script, style and icon embedded in
+//!   the binary), `/api/config`, `/healthz`, `/readyz`, `/metrics`.
+//! - `predict`: `POST /api/predict`, forwarded as a NATS request to
+//!   `<prefix>.predict` (queue group `inference`).
+//! - [`events`]: `GET /api/events`, Server-Sent Events replaying the JetStream
+//!   events stream and then following it live.
+//! - `admin`: `POST /api/admin/{download,train,promote}`, behind `WEB_ADMIN_TOKEN`.
+//! - `security`: security headers (a strict CSP the page satisfies) on every answer.
+//! - `error`: the one mapping from failures to JSON error answers.
+//!
+//! [`build`] assembles the Rocket instance from its resources (tests use it with
+//! Rocket's local client); [`start`] binds and serves it until shutdown.
+
+mod admin;
+pub mod config;
+mod error;
+pub mod events;
+mod metrics;
+mod page;
+mod predict;
+mod security;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use mnistflow_nats::Bus;
+use rocket::config::{LogLevel, Shutdown as ShutdownConfig};
+use rocket::data::{Limits, ToByteUnit};
+use rocket::fairing::AdHoc;
+use rocket::figment::Figment;
+use rocket::{Build, Rocket, catchers, routes};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use admin::token_matches;
+pub use config::Config;
+pub use error::ApiError;
+pub use metrics::Metrics;
+pub use security::CONTENT_SECURITY_POLICY;
+
+/// What every route shares.
+pub(crate) struct AppState {
+    pub(crate) config: Config,
+    pub(crate) bus: Bus,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// Why the web tier could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("web server: {0}")]
+    Rocket(#[from] Box<rocket::Error>),
+    #[error("web server stopped before it listened")]
+    NotStarted,
+    #[error("web server task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+fn figment(config: &Config) -> Figment {
+    let grace = u32::try_from(config.shutdown_grace.as_secs()).unwrap_or(u32::MAX);
+    // Signals are ours (the CancellationToken), not Rocket's.
+    let shutdown = ShutdownConfig { ctrlc: false, signals: Default::default(), grace, mercy: 2, ..Default::default() };
+    let max = config.max_upload_bytes;
+    let limits = Limits::default()
+        .limit("json", 16.kibibytes())
+        .limit("string", 16.kibibytes())
+        .limit("form", 16.kibibytes())
+        .limit("data-form", max.bytes())
+        .limit("file", max.bytes())
+        .limit("bytes", max.bytes());
+    // release_default, not Config::figment(): no Rocket.toml, no ROCKET_* variables.
+    Figment::from(rocket::Config::release_default())
+        .merge(("address", config.address))
+        .merge(("port", config.port))
+        .merge(("ident", false))
+        .merge(("log_level", LogLevel::Off))
+        .merge(("cli_colors", false))
+        .merge(("shutdown", shutdown))
+        .merge(("limits", limits))
+}
+
+/// Assembles the service: routes, catchers, security headers, metrics.
+pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
+    let figment = figment(&config);
+    let state = AppState { config, bus, metrics: Arc::new(Metrics::default()) };
+    rocket::custom(figment)
+        .manage(state)
+        .mount(
+            "/",
+            routes![
+                page::index,
+                page::app_js,
+                page::app_css,
+                page::favicon,
+                page::config,
+                page::healthz,
+                page::readyz,
+                page::metrics,
+                page::csp_report,
+                predict::predict,
+                events::events,
+                admin::download,
+                admin::train,
+                admin::promote,
+            ],
+        )
+        .register("/", catchers![error::default_catcher])
+        .attach(security::SecurityHeaders)
+        .attach(metrics::HttpMetrics)
+}
+
+/// A running web server.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    task: JoinHandle<Result<(), WebError>>,
+}
+
+impl Server {
+    /// The address it listens on (the real port when `WEB_PORT=0`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until the server has stopped (after shutdown and the grace period).
+    ///
+    /// # Errors
+    /// The server failed while running.
+    pub async fn wait(self) -> Result<(), WebError> {
+        self.task.await?
+    }
+}
+
+/// Binds `config.address:config.port` and serves until `shutdown` is cancelled.
+///
+/// # Errors
+/// The address cannot be bound or Rocket refused its configuration.
+pub async fn start(config: Config, bus: Bus, shutdown: CancellationToken) -> Result<Server, WebError> {
+    let (tx, rx) = oneshot::channel::<SocketAddr>();
+    let tx = Mutex::new(Some(tx));
+    let rocket = build(config, bus).attach(AdHoc::on_liftoff("Report the address", move |rocket| {
+        let addr = SocketAddr::new(rocket.config().address, rocket.config().port);
+        if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+            let _ = tx.send(addr);
+        }
+        Box::pin(async {})
+    }));
+    let rocket = rocket.ignite().await.map_err(Box::new)?;
+    let handle = rocket.shutdown();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.notify();
+    });
+    let task = tokio::spawn(async move {
+        rocket.launch().await.map_err(Box::new)?;
+        Ok(())
+    });
+    match rx.await {
+        Ok(addr) => {
+            info!(%addr, "Web tier listening.");
+            Ok(Server { addr, task })
+        }
+        Err(_) => match task.await? {
+            Err(e) => Err(e),
+            Ok(()) => Err(WebError::NotStarted),
+        },
+    }
+}
+
+/// The binary's body: connect to NATS, make sure the streams exist, serve until shutdown.
+///
+/// # Errors
+/// NATS unreachable, or the server could not start.
+pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = Bus::connect(&config.nats, &shutdown).await?;
+    bus.ensure_streams().await?;
+    let server = start(config, bus, shutdown.clone()).await?;
+    server.wait().await?;
+    info!("Web tier stopped.");
+    Ok(())
+}

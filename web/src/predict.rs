@@ -1,0 +1,185 @@
+//! `POST /api/predict`: the inference HTTP API's input and output, answered by
+//! whichever inference instance takes the NATS request.
+//!
+//! Input: a multipart form with the image in field `file`, or the image itself as
+//! the body (`image/*` or `application/octet-stream`). The body is capped at
+//! `WEB_MAX_UPLOAD_BYTES` while it is read, so an oversized upload is answered
+//! 413 before anything reaches NATS. The image bytes, unchanged, are the payload
+//! of a request to `<prefix>.predict`; the reply (a `Prediction`, or a
+//! `PredictError` whose code becomes the HTTP status) is passed through.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mnistflow_nats::async_nats::{self, RequestErrorKind};
+use mnistflow_nats::{PredictReply, subjects};
+use rocket::data::{self, Data, FromData, ToByteUnit};
+use rocket::http::{ContentType, Status};
+use rocket::{Request, State, post};
+use tracing::{info_span, warn, Instrument};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The image bytes of an upload.
+#[derive(Debug)]
+pub struct Upload(pub Bytes);
+
+#[rocket::async_trait]
+impl<'r> FromData<'r> for Upload {
+    type Error = ApiError;
+
+    async fn from_data(req: &'r Request<'_>, data: Data<'r>) -> data::Outcome<'r, Self> {
+        let Some(state) = req.rocket().state::<AppState>() else {
+            return data::Outcome::Error(ApiError::new(Status::InternalServerError, "no state").stash(req));
+        };
+        match read_upload(req, data, state.config.max_upload_bytes).await {
+            Ok(bytes) => data::Outcome::Success(Self(bytes)),
+            Err(e) => data::Outcome::Error(e.stash(req)),
+        }
+    }
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(Status::PayloadTooLarge, format!("the image is larger than the {limit} bytes this service accepts"))
+}
+
+enum Kind {
+    Raw,
+    Multipart(String),
+}
+
+async fn read_upload(req: &Request<'_>, data: Data<'_>, limit: u64) -> Result<Bytes, ApiError> {
+    if let Some(length) = req.headers().get_one("Content-Length").and_then(|v| v.trim().parse::<u64>().ok())
+        && length > limit
+    {
+        return Err(too_large(limit));
+    }
+    let kind = match req.content_type() {
+        None => Kind::Raw,
+        Some(ct) if ct.top() == "multipart" && ct.sub() == "form-data" => match ct.param("boundary") {
+            Some(b) => Kind::Multipart(b.to_owned()),
+            None => return Err(ApiError::new(Status::BadRequest, "multipart body without a boundary")),
+        },
+        Some(ct) if ct.top() == "image" || *ct == ContentType::Binary => Kind::Raw,
+        Some(other) => {
+            return Err(ApiError::new(
+                Status::UnsupportedMediaType,
+                format!("send an image: a multipart form with field `file`, or an image/* body (got {other})"),
+            ));
+        }
+    };
+    let capped = data
+        .open(limit.bytes())
+        .into_bytes()
+        .await
+        .map_err(|e| ApiError::new(Status::BadRequest, format!("reading the upload failed: {e}")))?;
+    if !capped.is_complete() {
+        return Err(too_large(limit));
+    }
+    let body = Bytes::from(capped.into_inner());
+    let image = match kind {
+        Kind::Raw => body,
+        Kind::Multipart(boundary) => file_field(body, boundary).await?,
+    };
+    if image.is_empty() {
+        return Err(ApiError::new(Status::BadRequest, "the image is empty"));
+    }
+    Ok(image)
+}
+
+async fn file_field(body: Bytes, boundary: String) -> Result<Bytes, ApiError> {
+    let bad = |e: multer::Error| ApiError::new(Status::BadRequest, format!("malformed multipart body: {e}"));
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    while let Some(field) = multipart.next_field().await.map_err(bad)? {
+        if field.name() == Some("file") {
+            return field.bytes().await.map_err(bad);
+        }
+    }
+    Err(ApiError::new(Status::BadRequest, "the multipart form has no `file` field"))
+}
+
+/// A prediction's JSON, passed through as the inference instance wrote it.
+#[derive(rocket::Responder)]
+#[response(status = 200, content_type = "json")]
+pub(crate) struct PredictionJson(Vec<u8>);
+
+#[post("/api/predict", data = "<upload>")]
+pub(crate) async fn predict(
+    upload: Result<Upload, ApiError>,
+    state: &State<AppState>,
+) -> Result<PredictionJson, ApiError> {
+    let upload = upload?;
+    let span = info_span!("predict", bytes = upload.0.len());
+    forward(state, upload.0).instrument(span).await
+}
+
+async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiError> {
+    let client = state.bus.client();
+    let max_payload = client.server_info().max_payload;
+    if max_payload > 0 && image.len() > max_payload {
+        state.metrics.prediction("too_large", None);
+        return Err(ApiError::new(
+            Status::PayloadTooLarge,
+            format!("the image is larger than the message bus accepts ({max_payload} bytes)"),
+        ));
+    }
+    let subject = state.bus.subjects().full(subjects::PREDICT);
+    let timeout = state.config.predict_timeout;
+    let started = Instant::now();
+    let request = async_nats::Request::new().payload(image).timeout(Some(timeout));
+    // The client's own timeout is the deadline; the outer one only guards against a stuck client.
+    let outcome = tokio::time::timeout(timeout + Duration::from_secs(1), client.send_request(subject, request)).await;
+    let reply = match outcome {
+        Err(_) => return Err(timed_out(state, timeout)),
+        Ok(Err(e)) => {
+            return Err(match e.kind() {
+                RequestErrorKind::TimedOut => timed_out(state, timeout),
+                RequestErrorKind::NoResponders => {
+                    state.metrics.prediction("no_responders", None);
+                    ApiError::new(
+                        Status::ServiceUnavailable,
+                        "no inference instance is running: start one (or wait for one to load a model) and try again",
+                    )
+                }
+                RequestErrorKind::MaxPayloadExceeded => {
+                    state.metrics.prediction("too_large", None);
+                    ApiError::new(Status::PayloadTooLarge, "the image is larger than the message bus accepts")
+                }
+                _ => {
+                    warn!(error = %e, "Prediction request failed.");
+                    state.metrics.prediction("bus_error", None);
+                    ApiError::new(Status::ServiceUnavailable, "the message bus is unavailable; try again shortly")
+                }
+            });
+        }
+        Ok(Ok(reply)) => reply,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    match serde_json::from_slice::<PredictReply>(&reply.payload) {
+        Ok(PredictReply::Ok(_)) => {
+            state.metrics.prediction("ok", Some(seconds));
+            Ok(PredictionJson(reply.payload.to_vec()))
+        }
+        Ok(PredictReply::Err(e)) => {
+            state.metrics.prediction("rejected", Some(seconds));
+            let code = e.error.code;
+            let status = if (400..600).contains(&code) { Status::new(code) } else { Status::BadGateway };
+            Err(ApiError::new(status, e.error.message))
+        }
+        Err(e) => {
+            warn!(error = %e, "Undecodable prediction reply.");
+            state.metrics.prediction("bad_reply", Some(seconds));
+            Err(ApiError::new(Status::BadGateway, "the inference instance sent an answer this page cannot read"))
+        }
+    }
+}
+
+fn timed_out(state: &AppState, timeout: Duration) -> ApiError {
+    state.metrics.prediction("timeout", None);
+    ApiError::new(
+        Status::GatewayTimeout,
+        format!("no inference instance answered within {} ms; try again", timeout.as_millis()),
+    )
+}
