@@ -412,3 +412,59 @@ async fn a_failing_command_is_answered_with_dataset_failed_redelivered_then_give
     shutdown.cancel();
     tokio::time::timeout(WAIT, service).await.expect("service did not stop").unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_commands_are_terminated_at_once_with_dataset_failed() {
+    let world = World::new();
+    let mirror = MirrorServer::start(mnist_dir()).await;
+    let config = world.config(&[mirror.url()], &[("DOWNLOADER_MODE", "service")]);
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(mnistflow_downloader::main_with(config, shutdown.clone()));
+    let mut events = world.watch().await;
+    let client = mnistflow_nats::async_nats::connect(world.nats.url()).await.unwrap();
+    Bus::new(client.clone(), mnistflow_nats::Subjects::default()).ensure_streams().await.unwrap();
+
+    client.publish("mnist.dataset.download", Bytes::from_static(b"not json")).await.unwrap();
+    client
+        .publish("mnist.dataset.download", Bytes::from_static(br#"{"mirrors":["ftp://example.com/"]}"#))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+
+    let undecodable: DatasetFailed = next_on(&mut events, "mnist.dataset.failed").await;
+    assert!(undecodable.reason.contains("undecodable"), "{}", undecodable.reason);
+    assert!(!undecodable.will_retry);
+    let bad_mirror: DatasetFailed = next_on(&mut events, "mnist.dataset.failed").await;
+    assert!(bad_mirror.reason.contains("ftp://example.com/"), "{}", bad_mirror.reason);
+    assert!(!bad_mirror.will_retry);
+    assert!(bad_mirror.request_id.is_some());
+    let js = &mnistflow_nats::async_nats::jetstream::new(client.clone());
+    wait_until("both commands to be terminated", WAIT, || async move {
+        let mut stream = js.get_stream("MNIST_COMMANDS").await.ok()?;
+        (stream.info().await.ok()?.state.messages == 0).then_some(())
+    })
+    .await;
+    assert!(mirror.requests().is_empty(), "{:?}", mirror.requests());
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, service).await.expect("service did not stop").unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_on_one_mirror_fall_through_to_the_next_without_retrying_it() {
+    let world = World::new();
+    let impostor = MirrorServer::start(mnist_dir()).await;
+    // A well-formed gzip of a well-formed IDX label file, but none of the four.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &[0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3]).unwrap();
+    impostor.fail_always(Some(Fault::Body(Bytes::from(gz.finish().unwrap()))));
+    let good = MirrorServer::start(mnist_dir()).await;
+    let downloader = world.downloader(&world.config(&[impostor.url(), good.url()], &[])).await;
+
+    let ready = downloader.run_once(&CancellationToken::new()).await.unwrap();
+
+    assert_eq!(ready.source, good.url());
+    assert_eq!(ready.files.iter().map(|f| f.sha256.as_str()).collect::<Vec<_>>(), KNOWN_SHA256);
+    assert_eq!(impostor.requests().len(), 4, "one attempt per file: {:?}", impostor.requests());
+    let text = downloader.metrics().encode();
+    assert!(text.contains("downloader_failures_total{reason=\"checksum\"} 4"), "{text}");
+}
