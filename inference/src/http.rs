@@ -72,13 +72,28 @@ async fn answer(service: &Service, started: Instant, result: Result<Prediction, 
 
 #[post("/v1/predict", format = "multipart/form-data", data = "<form>", rank = 1)]
 async fn predict_form(
+    length: ContentLength,
     form: Result<Form<Upload<'_>>, Errors<'_>>,
     service: &State<Arc<Service>>,
 ) -> Result<Json<Prediction>, ApiError> {
     let started = Instant::now();
     let result = async {
+        if let ContentLength(Some(n)) = length
+            && n > service.limits.max_body_bytes
+        {
+            return Err(too_large(service, n));
+        }
         let form = form.map_err(|errors| {
-            if errors.iter().any(|e| matches!(e.kind, ErrorKind::InvalidLength { .. })) {
+            tracing::debug!(%errors, "Multipart form refused.");
+            // Rocket reports a size limit as an invalid length with a maximum
+            // (an incomplete stream has none), or as multer's size errors.
+            let over_limit = |e: &rocket::form::Error<'_>| {
+                matches!(e.kind, ErrorKind::InvalidLength { max: Some(_), .. })
+                    || (matches!(e.kind, ErrorKind::Multipart(_)) && e.status() == Status::PayloadTooLarge)
+                    // A chunked body over the limit surfaces as an I/O error.
+                    || (matches!(e.kind, ErrorKind::Io(_)) && e.to_string().contains("size exceeded"))
+            };
+            if errors.iter().any(over_limit) {
                 too_large(service, service.limits.max_body_bytes + 1)
             } else if errors.iter().any(|e| matches!(e.kind, ErrorKind::Missing)) {
                 ApiError::Other(400, "multipart/form-data needs an image in the field `file`".into())

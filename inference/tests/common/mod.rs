@@ -14,7 +14,7 @@ use mnistflow_inference::{App, Config};
 use mnistflow_integration::NatsServer;
 use mnistflow_nats::{Bus, ModelVersion, NatsConfig};
 use mnistflow_store::{ModelMetadata, Store, idx};
-use tch::nn::{self, Module, ModuleT, OptimizerConfig};
+use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{CModule, Device, Kind, Tensor};
 use tokio_util::sync::CancellationToken;
 
@@ -28,9 +28,11 @@ pub fn trace(vs: &mut nn::VarStore, forward: impl Fn(&Tensor) -> Tensor) -> Vec<
         &mut |inputs| vec![forward(&inputs[0])],
     )
     .expect("tracing");
-    let file = tempfile::NamedTempFile::new().unwrap();
-    module.save(file.path()).expect("saving TorchScript");
-    std::fs::read(file.path()).unwrap()
+    // libtorch names the archive after the file, so the name must be a plain one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.pt");
+    module.save(&path).expect("saving TorchScript");
+    std::fs::read(&path).unwrap()
 }
 
 /// A tiny random model (one linear layer): fast to load, distinct per seed.
@@ -49,7 +51,9 @@ pub fn slow_model() -> Vec<u8> {
     let linear = nn::linear(vs.root() / "fc", 784, 10, Default::default());
     let big = vs.root().randn("big", &[1024, 1024], 0.0, 1.0);
     trace(&mut vs, move |x| {
-        let burn = big.matmul(&big).matmul(&big).sum(Kind::Float) * 0.0;
+        // Depends on the input, so that no optimisation can fold it into a constant.
+        let b = &big + x.sum(Kind::Float) * 0.0;
+        let burn = b.matmul(&b).matmul(&b).sum(Kind::Float) * 0.0;
         x.view([-1, 784]).apply(&linear).log_softmax(-1, Kind::Float) + burn
     })
 }
