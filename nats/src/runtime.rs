@@ -7,7 +7,13 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 /// (the cluster's ConfigMap sets it) or stderr is not a terminal, pretty otherwise;
 /// the filter comes from `RUST_LOG` (default `info`).
 pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_tracing_with_default("info");
+}
+
+/// Like [`init_tracing`] with another filter when `RUST_LOG` is unset (command-line
+/// tools keep their output for results and use `warn`).
+pub fn init_tracing_with_default(default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = match std::env::var("LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("pretty" | "text") => false,
