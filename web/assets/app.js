@@ -325,7 +325,7 @@
       fill.style.width = `${Math.max(0, Math.min(1, v)) * 100}%`;
       const li = el(
         "li",
-        { class: i === digit ? "top" : "", "data-digit": String(i) },
+        { class: i === digit ? "best" : "", "data-digit": String(i) },
         el("span", { text: String(i) }),
         el("span", { class: "track", "aria-hidden": "true" }, fill),
         el("span", { class: "pct", text: `${(v * 100).toFixed(1)} %` }),
@@ -532,14 +532,14 @@
     body.replaceChildren(
       ...rows.map((m) => {
         const isCurrent = m.version === current;
-        const status = el("td");
+        const status = el("div", { class: "status" });
         if (isCurrent) status.append(el("span", { class: "badge current", text: "serving" }));
         else status.append(el("span", { class: "badge", text: m.promoted ? "was served" : "not promoted", title: m.promotion || "" }));
         if (config.admin && !isCurrent) {
           const b = el("button", { type: "button", class: "small", text: "Serve" });
           b.setAttribute("aria-label", `Serve version ${m.version}`);
           b.addEventListener("click", () => adminPromote(m.version));
-          status.append(" ", b);
+          status.append(b);
         }
         const tr = el(
           "tr",
@@ -547,7 +547,7 @@
           el("td", {}, el("code", { text: m.version })),
           el("td", { text: m.metrics ? pct(m.metrics.accuracy) : "?" }),
           el("td", { text: time(m.at) }),
-          status,
+          el("td", {}, status),
         );
         return tr;
       }),

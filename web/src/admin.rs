@@ -114,7 +114,11 @@ fn body<T>(body: Result<Json<T>, rocket::serde::json::Error<'_>>) -> Result<T, A
     })
 }
 
-async fn publish<M: Message>(state: &AppState, command: &str, message: M) -> Result<(Status, Json<Accepted>), ApiError> {
+async fn publish<M: Message>(
+    state: &AppState,
+    command: &str,
+    message: M,
+) -> Result<(Status, Json<Accepted>), ApiError> {
     match state.bus.publish(&message).await {
         Ok(published) => {
             state.metrics.admin_command(command, "published");
@@ -170,7 +174,12 @@ pub(crate) async fn train(
     {
         return Err(ApiError::new(Status::UnprocessableEntity, "preset must be a name of letters, digits, - and _"));
     }
-    let command = TrainRequest { epochs: request.epochs, preset, requested_by: Some(REQUESTED_BY.into()), ..TrainRequest::default() };
+    let command = TrainRequest {
+        epochs: request.epochs,
+        preset,
+        requested_by: Some(REQUESTED_BY.into()),
+        ..TrainRequest::default()
+    };
     publish(state, "train", command).await
 }
 

@@ -14,8 +14,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use mnistflow_nats::config::{var_or, ConfigError};
 use mnistflow_nats::NatsConfig;
+use mnistflow_nats::config::{ConfigError, var_or};
 use secrecy::{ExposeSecret, SecretString};
 
 /// The shortest admin token accepted: a guessable token is worse than none.

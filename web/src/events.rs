@@ -12,8 +12,8 @@
 use std::collections::VecDeque;
 
 use futures::StreamExt;
-use mnistflow_nats::async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use mnistflow_nats::async_nats::jetstream::consumer::DeliverPolicy;
+use mnistflow_nats::async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use mnistflow_nats::subjects::EVENT_SUBJECTS;
 use mnistflow_nats::{Bus, Subjects, streams};
 use rocket::request::{FromRequest, Outcome};
@@ -150,7 +150,11 @@ impl<'r> FromRequest<'r> for LastEventId {
 }
 
 #[get("/api/events")]
-pub(crate) fn events(state: &State<AppState>, resume: LastEventId, mut shutdown: Shutdown) -> EventStream![Event + 'static] {
+pub(crate) fn events(
+    state: &State<AppState>,
+    resume: LastEventId,
+    mut shutdown: Shutdown,
+) -> EventStream![Event + 'static] {
     let bus = state.bus.clone();
     let replay = state.config.events_replay;
     let metrics = state.metrics.clone();

@@ -135,7 +135,8 @@ impl Fairing for HttpMetrics {
     async fn on_response<'r>(&self, req: &'r Request<'_>, res: &mut Response<'r>) {
         let Some(state) = req.rocket().state::<crate::AppState>() else { return };
         let route = req.route().map_or_else(|| "unmatched".to_owned(), |r| r.uri.as_str().to_owned());
-        let labels = HttpLabels { method: req.method().as_str().to_owned(), route, status: res.status().code.to_string() };
+        let labels =
+            HttpLabels { method: req.method().as_str().to_owned(), route, status: res.status().code.to_string() };
         state.metrics.http.get_or_create(&labels).inc();
         if let Started(Some(at)) = *req.local_cache(|| Started(None)) {
             state.metrics.http_seconds.observe(at.elapsed().as_secs_f64());

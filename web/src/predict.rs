@@ -16,7 +16,7 @@ use mnistflow_nats::{PredictReply, subjects};
 use rocket::data::{self, Data, FromData, ToByteUnit};
 use rocket::http::{ContentType, Status};
 use rocket::{Request, State, post};
-use tracing::{info_span, warn, Instrument};
+use tracing::{Instrument, info_span, warn};
 
 use crate::AppState;
 use crate::error::ApiError;

@@ -161,8 +161,11 @@ impl Browser {
     }
 
     async fn until_live(&self) {
-        self.until("the event stream to be live", "return document.getElementById('feed-status').dataset.state === 'live' || null")
-            .await;
+        self.until(
+            "the event stream to be live",
+            "return document.getElementById('feed-status').dataset.state === 'live' || null",
+        )
+        .await;
     }
 
     async fn screenshot(&self, name: &str) -> PathBuf {
@@ -250,14 +253,22 @@ async fn uploading_a_real_mnist_digit_shows_the_right_digit_and_its_probabilitie
         .js("return { version: document.getElementById('model-version').textContent, \
                       rtt: document.getElementById('rtt').textContent, \
                       bars: document.querySelectorAll('#bars li').length, \
-                      top: document.querySelector('#bars li.top').dataset.digit, \
-                      preview: !document.getElementById('upload-preview').hidden }")
+                      top: document.querySelector('#bars li.best').dataset.digit, \
+                      preview: !document.getElementById('upload-preview').hidden, \
+                      fill: document.querySelector('#bars li.best .fill').getBoundingClientRect().width, \
+                      track: document.querySelector('#bars li.best .track').getBoundingClientRect().width, \
+                      pct: parseFloat(document.querySelector('#bars li.best .pct').textContent) }")
         .await;
     assert_eq!(page["version"], RESPONDER_VERSION);
     assert!(page["rtt"].as_str().unwrap().ends_with(" ms"), "{page}");
     assert_eq!(page["bars"], 10);
     assert_eq!(page["top"], test_digit_png(1).1.to_string());
     assert_eq!(page["preview"], true);
+    // The winning bar is drawn in proportion to its probability.
+    let (fill, track, pct) =
+        (page["fill"].as_f64().unwrap(), page["track"].as_f64().unwrap(), page["pct"].as_f64().unwrap());
+    assert!(track > 50.0 && pct > 0.0, "{page}");
+    assert!((fill - pct / 100.0 * track).abs() < 2.0, "bar {fill} px of {track} px for {pct} %");
     b.screenshot("upload").await;
     b.close().await;
 }
@@ -314,8 +325,11 @@ async fn a_model_published_while_the_page_is_open_appears_without_a_reload() {
     let b = Browser::start().await;
     b.open(&web).await;
     b.until_live().await;
-    b.until("the replayed model", "return document.querySelector('tr[data-version=\"20261130-040000-0a1b2c\"] .badge.current') ? true : null")
-        .await;
+    b.until(
+        "the replayed model",
+        "return document.querySelector('tr[data-version=\"20261130-040000-0a1b2c\"] .badge.current') ? true : null",
+    )
+    .await;
     b.js("window.__sameDocument = 'yes'").await;
 
     // Something to look at in the answer panel.
@@ -340,7 +354,9 @@ async fn a_model_published_while_the_page_is_open_appears_without_a_reload() {
     let row = b
         .until(
             "the new version in the table",
-            &format!("const r = document.querySelector('tr[data-version=\"{version}\"]'); return r ? r.textContent : null"),
+            &format!(
+                "const r = document.querySelector('tr[data-version=\"{version}\"]'); return r ? r.textContent : null"
+            ),
         )
         .await;
     assert!(row.as_str().unwrap().contains("99.07 %"), "{row}");
@@ -350,7 +366,8 @@ async fn a_model_published_while_the_page_is_open_appears_without_a_reload() {
         &format!("return document.querySelector('li[data-instance=\"inference-5f7c9-x2k4q\"][data-version=\"{version}\"]') ? true : null"),
     )
     .await;
-    let current = b.js("return [...document.querySelectorAll('#models-body tr.current')].map(r => r.dataset.version)").await;
+    let current =
+        b.js("return [...document.querySelectorAll('#models-body tr.current')].map(r => r.dataset.version)").await;
     assert_eq!(current, json!([version]), "exactly the newest version is marked current");
     assert_eq!(b.js("return window.__sameDocument || null").await, json!("yes"), "the page was not reloaded");
     assert!(b.js("return document.getElementById('training').textContent").await.as_str().unwrap().contains(version));
@@ -397,7 +414,8 @@ async fn admin_controls_with_a_token_send_a_training_request() {
     b.wd.find(Locator::Id("admin-epochs")).await.unwrap().send_keys("2").await.unwrap();
     b.wd.find(Locator::Id("admin-preset")).await.unwrap().send_keys("best").await.unwrap();
     b.wd.find(Locator::Id("admin-train")).await.unwrap().click().await.unwrap();
-    b.until("the confirmation", "return /sent/.test(document.getElementById('admin-status').textContent) || null").await;
+    b.until("the confirmation", "return /sent/.test(document.getElementById('admin-status').textContent) || null")
+        .await;
     let mut queue = bus.work_queue::<TrainRequest>(WorkQueueOptions::default()).await.unwrap();
     let d = tokio::time::timeout(WAIT, queue.next()).await.unwrap().unwrap();
     let request = d.payload().unwrap().clone();

@@ -220,3 +220,37 @@ async fn an_empty_stream_is_live_at_once() {
     let events = sse.until("dataset.ready", 1).await;
     assert_eq!(events[1].id, Some(1));
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_event_streams_at_once_and_stops_the_server_within_its_grace() {
+    use tokio::io::AsyncWriteExt;
+    let (server, bus) = nats().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let config = crate::common::config(&server, &[("WEB_SHUTDOWN_GRACE_SECS", "1")]);
+    let web = mnistflow_web::start(config, bus.clone(), shutdown.clone()).await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(web.addr()).await.unwrap();
+    tcp.write_all(b"GET /api/events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n").await.unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    while !seen.contains("event:live") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "stream closed early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let started = std::time::Instant::now();
+    shutdown.cancel();
+    // The stream ends (chunked terminator, then the connection closes) at once, not after the grace.
+    let closed = tokio::time::timeout(Duration::from_millis(900), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the event stream stayed open after shutdown");
+    // Rocket 0.5 then waits out at most grace (1 s) + mercy (2 s) for connection tasks.
+    tokio::time::timeout(Duration::from_secs(6), web.wait()).await.expect("server stopped").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+}

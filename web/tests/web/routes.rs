@@ -52,7 +52,9 @@ async fn the_page_and_its_assets_are_served_with_security_headers_and_no_inline_
     assert!(!html.contains("<style") && !html.contains(" style=") && !html.contains(" onclick="));
     assert!(!html.contains("http://") && !html.contains("https://"), "no absolute (external) URLs");
 
-    for (path, ct) in [("/app.js", ContentType::JavaScript), ("/app.css", ContentType::CSS), ("/favicon.svg", ContentType::SVG)] {
+    for (path, ct) in
+        [("/app.js", ContentType::JavaScript), ("/app.css", ContentType::CSS), ("/favicon.svg", ContentType::SVG)]
+    {
         let r = client.get(path).dispatch().await;
         assert_eq!(r.status(), Status::Ok, "{path}");
         assert_eq!(r.content_type(), Some(ct), "{path}");
@@ -101,7 +103,10 @@ async fn predict_answers_200_with_the_digit_for_a_raw_png_and_for_a_multipart_fi
     assert_eq!(r.status(), Status::Ok);
     assert_eq!(json(r).await["digit"], u64::from(label));
     // The payload on NATS is the image itself, unchanged, both times.
-    assert_eq!(inference.received.lock().unwrap().iter().map(|b| b.to_vec()).collect::<Vec<_>>(), vec![png.clone(), png]);
+    assert_eq!(
+        inference.received.lock().unwrap().iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+        vec![png.clone(), png]
+    );
 }
 
 #[tokio::test]
@@ -146,12 +151,7 @@ async fn predict_answers_413_for_an_oversized_upload_before_forwarding_it() {
     assert_eq!(r.status(), Status::PayloadTooLarge);
     assert!(json(r).await["error"]["message"].as_str().unwrap().contains("1000 bytes"));
     // The same without a Content-Length the guard could check first: the capped read catches it.
-    let r = client
-        .post("/api/predict")
-        .header(ContentType::PNG)
-        .body(&big)
-        .dispatch()
-        .await;
+    let r = client.post("/api/predict").header(ContentType::PNG).body(&big).dispatch().await;
     assert_eq!(r.status(), Status::PayloadTooLarge);
     let (ct, form) = multipart("file", &[1u8; 990]);
     let r = client.post("/api/predict").header(ct).body(form).dispatch().await;
@@ -238,7 +238,8 @@ async fn admin_routes_answer_401_without_the_token_and_403_with_a_wrong_one() {
         assert_eq!(json(r).await["error"]["code"], 403);
     }
     // Nothing was published.
-    let info = bus.jetstream().get_stream(bus.subjects().stream_name("TRAIN")).await.unwrap().cached_info().state.messages;
+    let info =
+        bus.jetstream().get_stream(bus.subjects().stream_name("TRAIN")).await.unwrap().cached_info().state.messages;
     assert_eq!(info, 0);
 }
 
@@ -252,7 +253,13 @@ async fn admin_commands_are_published_and_answered_202() {
     let client = client(&server, &bus, &[("WEB_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
     let timeout = Duration::from_secs(10);
 
-    let r = client.post("/api/admin/train").header(ContentType::JSON).header(auth()).body(r#"{"epochs":3,"preset":"best"}"#).dispatch().await;
+    let r = client
+        .post("/api/admin/train")
+        .header(ContentType::JSON)
+        .header(auth())
+        .body(r#"{"epochs":3,"preset":"best"}"#)
+        .dispatch()
+        .await;
     assert_eq!(r.status(), Status::Accepted);
     let accepted = json(r).await;
     let mut trains = bus.work_queue::<TrainRequest>(WorkQueueOptions::default()).await.unwrap();
@@ -321,8 +328,16 @@ async fn health_readiness_and_metrics_answer() {
     assert!(r.content_type().unwrap().to_string().starts_with("application/openmetrics-text"));
     let text = r.into_string().await.unwrap();
     assert!(text.contains(r#"mnistflow_web_predictions_total{outcome="no_responders"} 1"#), "{text}");
-    assert!(text.contains(r#"mnistflow_web_http_requests_total{method="GET",route="/healthz",status="200"} 1"#), "{text}");
-    let r = client.post("/api/csp-report").header(ContentType::new("application", "csp-report")).body("{}").dispatch().await;
+    assert!(
+        text.contains(r#"mnistflow_web_http_requests_total{method="GET",route="/healthz",status="200"} 1"#),
+        "{text}"
+    );
+    let r = client
+        .post("/api/csp-report")
+        .header(ContentType::new("application", "csp-report"))
+        .body("{}")
+        .dispatch()
+        .await;
     assert_eq!(r.status(), Status::NoContent);
     let text = client.get("/metrics").dispatch().await.into_string().await.unwrap();
     assert!(text.contains("mnistflow_web_csp_reports_total 1"), "{text}");
