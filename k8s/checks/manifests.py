@@ -103,6 +103,12 @@ def render(out: Path) -> dict[str, list[dict]]:
     return rendered
 
 
+def config_map(docs: list[dict], name: str) -> dict | None:
+    """A ConfigMap by its kustomize name (generated ones carry a content hash suffix)."""
+    return next((d for d in docs if d["kind"] == "ConfigMap"
+                 and re.fullmatch(re.escape(name) + r"(-[a-z0-9]{10})?", d["metadata"]["name"])), None)
+
+
 def is_keda(doc: dict) -> bool:
     return doc.get("apiVersion", "").startswith("keda.sh/")
 
@@ -192,8 +198,8 @@ def seconds(text: str) -> float:
 def grace(rendered: dict[str, list[dict]]) -> None:
     print("grace", flush=True)
     for name, docs in rendered.items():
-        config = next((d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mnistflow-config"), {})
-        nats_conf = next((d["data"]["nats.conf"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config"), "")
+        config = (config_map(docs, "mnistflow-config") or {}).get("data", {})
+        nats_conf = (config_map(docs, "nats-config") or {}).get("data", {}).get("nats.conf", "")
         for d, spec in pod_specs(docs):
             for c in spec["containers"]:
                 env = dict(config)
@@ -247,7 +253,7 @@ def env(rendered: dict[str, list[dict]]) -> None:
     print("env", flush=True)
     reads = code_env_reads()
     base = rendered.get("base", [])
-    config = next(d for d in base if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mnistflow-config")
+    config = config_map(base, "mnistflow-config")
     secret = next(d for d in base if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")
     secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
     container_env: dict[str, set[str]] = {}
@@ -297,7 +303,7 @@ class NatsUnderTest:
 
     def __init__(self, rendered: dict[str, list[dict]], tmp: Path):
         base = rendered["base"]
-        conf = next(d["data"]["nats.conf"] for d in base if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config")
+        conf = config_map(base, "nats-config")["data"]["nats.conf"]
         self.secret = next(d for d in base if d["kind"] == "Secret")["stringData"]
         self.path = tmp / "nats.conf"
         self.path.write_text(conf.replace("/data/jetstream", f"{tmp}/jetstream"))
