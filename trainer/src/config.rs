@@ -1,0 +1,269 @@
+//! The trainer's configuration, read once at start-up through a lookup function
+//! (the process environment in `main`, a closure in tests).
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `NATS_URL`, `NATS_*`, `STORE_URL` | shared settings (see the README) | |
+//! | `TRAINER_MODE` | `worker` (consume requests in a loop) or `job` (consume one request, then exit) | `worker` |
+//! | `TRAINER_JOB_WAIT_SECS` | in `job` mode, how long to wait for a request before exiting | `120` |
+//! | `TRAINER_EPOCHS` | epochs of the `default` preset | `1` |
+//! | `TRAINER_BATCH_SIZE` | batch size of the `default` preset | `64` |
+//! | `TRAINER_LR` | learning rate of the `default` preset | preset's |
+//! | `TRAINER_OPTIMIZER` | `adam`, `adamw`, `adadelta`, `sgd` or `rmsprop` for the `default` preset | preset's |
+//! | `TRAINER_SEED` | random seed when the request names none | `1` |
+//! | `TRAINER_DEVICE` | `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present) | `auto` |
+//! | `TRAINER_MAX_MINUTES` | training time limit when the request names none | none |
+//! | `TRAINER_ACCURACY_FLOOR` | minimum test accuracy for promotion to `CURRENT` | `0.97` |
+//! | `TRAINER_TOLERANCE` | how much worse than `CURRENT` a new version may be and still be promoted | `0.002` |
+//! | `TRAINER_ACK_WAIT_SECS` | the work-queue consumer's ack wait (in-progress signals go out at a third of it) | `60` |
+//! | `TRAINER_MAX_DELIVER` | deliveries of one request before the server gives up | `5` |
+//! | `TRAINER_RETRY_DELAY_SECS` | delay before a transiently failed request is redelivered | `15` |
+//! | `TRAINER_PROGRESS_SECS` | interval between `train.progress` events | `2` |
+//! | `TRAINER_THREADS` | libtorch intra-op threads (0 = one per CPU this process may use, cgroup quota included) | `0` |
+//! | `TRAINER_METRICS_ADDR` | `host:port` of `/metrics` and `/healthz` in worker mode; empty disables | `0.0.0.0:9102` |
+//! | `TRAINER_PROGRESS_BAR` | `auto` (when stderr is a terminal), `on` or `off` | `auto` |
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mnistflow_nats::config::{var, var_or};
+use mnistflow_nats::{ConfigError, NatsConfig};
+
+use crate::params::{DeviceChoice, OptimizerKind, Preset};
+
+/// Whether the process serves requests in a loop or handles one and exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Consume requests until shutdown (the local default).
+    Worker,
+    /// Consume one request and exit (the Kubernetes Job, started per request).
+    Job,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "worker" => Ok(Self::Worker),
+            "job" => Ok(Self::Job),
+            other => Err(format!("{other:?} is neither worker nor job")),
+        }
+    }
+}
+
+/// When to draw a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressBar {
+    /// When stderr is a terminal.
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for ProgressBar {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "on" | "true" | "1" | "yes" => Ok(Self::On),
+            "off" | "false" | "0" | "no" => Ok(Self::Off),
+            other => Err(format!("{other:?} is not auto, on or off")),
+        }
+    }
+}
+
+/// Defaults a request's hyperparameters fall back to (after its preset).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainDefaults {
+    /// The `default` preset with the `TRAINER_*` overrides applied.
+    pub default_preset: Preset,
+    pub seed: u64,
+    pub device: DeviceChoice,
+    pub max_minutes: Option<f64>,
+}
+
+/// The stage's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub store_url: String,
+    pub mode: Mode,
+    pub job_wait: Duration,
+    pub defaults: TrainDefaults,
+    pub accuracy_floor: f64,
+    pub tolerance: f64,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub retry_delay: Duration,
+    pub progress_interval: Duration,
+    /// libtorch intra-op threads; 0 keeps libtorch's choice (one per CPU).
+    pub threads: usize,
+    pub metrics_addr: Option<SocketAddr>,
+    pub progress_bar: ProgressBar,
+}
+
+impl Config {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    /// A variable is malformed; the error names it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `lookup`.
+    ///
+    /// # Errors
+    /// A variable is malformed; the error names it.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let nats = NatsConfig::from_lookup(&lookup)?.with_client_name("mnistflow-trainer");
+        let store_url = lookup("STORE_URL")
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| ".mnistflow/store".into());
+
+        let mut preset = Preset::default_preset();
+        if let Some(epochs) = var::<i64>(&lookup, "TRAINER_EPOCHS")? {
+            preset.epochs = positive("TRAINER_EPOCHS", epochs)?;
+        }
+        if let Some(batch) = var::<i64>(&lookup, "TRAINER_BATCH_SIZE")? {
+            preset.batch_size = positive("TRAINER_BATCH_SIZE", batch)?;
+        }
+        if let Some(lr) = var::<f64>(&lookup, "TRAINER_LR")? {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(ConfigError::new("TRAINER_LR", "must be a positive number"));
+            }
+            preset.learning_rate = lr;
+        }
+        if let Some(name) = var::<String>(&lookup, "TRAINER_OPTIMIZER")? {
+            preset.optimizer = name.parse::<OptimizerKind>().map_err(|e| ConfigError::new("TRAINER_OPTIMIZER", e))?;
+        }
+        let seed: u64 = var_or(&lookup, "TRAINER_SEED", 1)?;
+        let device: DeviceChoice = var_or(&lookup, "TRAINER_DEVICE", DeviceChoice::Auto)?;
+        let max_minutes: Option<f64> = var(&lookup, "TRAINER_MAX_MINUTES")?;
+        if let Some(m) = max_minutes
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(ConfigError::new("TRAINER_MAX_MINUTES", "must be a positive number of minutes"));
+        }
+
+        let accuracy_floor: f64 = var_or(&lookup, "TRAINER_ACCURACY_FLOOR", 0.97)?;
+        if !(0.0..=1.0).contains(&accuracy_floor) {
+            return Err(ConfigError::new("TRAINER_ACCURACY_FLOOR", "must be between 0 and 1"));
+        }
+        let tolerance: f64 = var_or(&lookup, "TRAINER_TOLERANCE", 0.002)?;
+        if !(0.0..=1.0).contains(&tolerance) {
+            return Err(ConfigError::new("TRAINER_TOLERANCE", "must be between 0 and 1"));
+        }
+        let max_deliver: i64 = var_or(&lookup, "TRAINER_MAX_DELIVER", 5)?;
+        if max_deliver < 1 {
+            return Err(ConfigError::new("TRAINER_MAX_DELIVER", "must be at least 1"));
+        }
+        let threads: usize = var_or(&lookup, "TRAINER_THREADS", 0)?;
+        let metrics_addr = match lookup("TRAINER_METRICS_ADDR") {
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 9102))),
+            Some(v) if v.trim().is_empty() || v.trim() == "off" => None,
+            Some(v) => Some(
+                v.trim()
+                    .parse()
+                    .map_err(|e| ConfigError::new("TRAINER_METRICS_ADDR", format!("{v:?} is not host:port: {e}")))?,
+            ),
+        };
+
+        Ok(Self {
+            nats,
+            store_url,
+            mode: var_or(&lookup, "TRAINER_MODE", Mode::Worker)?,
+            job_wait: secs(&lookup, "TRAINER_JOB_WAIT_SECS", 120.0)?,
+            defaults: TrainDefaults { default_preset: preset, seed, device, max_minutes },
+            accuracy_floor,
+            tolerance,
+            ack_wait: secs(&lookup, "TRAINER_ACK_WAIT_SECS", 60.0)?,
+            max_deliver,
+            retry_delay: secs(&lookup, "TRAINER_RETRY_DELAY_SECS", 15.0)?,
+            progress_interval: secs(&lookup, "TRAINER_PROGRESS_SECS", 2.0)?,
+            threads,
+            metrics_addr,
+            progress_bar: var_or(&lookup, "TRAINER_PROGRESS_BAR", ProgressBar::Auto)?,
+        })
+    }
+}
+
+fn positive(name: &str, value: i64) -> Result<u32, ConfigError> {
+    u32::try_from(value)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ConfigError::new(name, format!("must be a positive integer, got {value}")))
+}
+
+fn secs(lookup: &impl Fn(&str) -> Option<String>, name: &str, default: f64) -> Result<Duration, ConfigError> {
+    let s: f64 = var_or(lookup, name, default)?;
+    if !(s.is_finite() && s > 0.0) {
+        return Err(ConfigError::new(name, "must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn defaults_are_the_seed_run_as_a_worker() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.mode, Mode::Worker);
+        assert_eq!(c.defaults.default_preset.epochs, 1);
+        assert_eq!(c.defaults.default_preset.batch_size, 64);
+        assert_eq!(c.defaults.device, DeviceChoice::Auto);
+        assert!((c.accuracy_floor - 0.97).abs() < 1e-12);
+        assert_eq!(c.ack_wait, Duration::from_secs(60));
+        assert!(c.metrics_addr.is_some());
+    }
+
+    #[test]
+    fn overrides_apply_and_metrics_can_be_disabled() {
+        let c = Config::from_lookup(env(&[
+            ("TRAINER_MODE", "job"),
+            ("TRAINER_EPOCHS", "3"),
+            ("TRAINER_OPTIMIZER", "adadelta"),
+            ("TRAINER_DEVICE", "cpu"),
+            ("TRAINER_METRICS_ADDR", ""),
+            ("TRAINER_ACK_WAIT_SECS", "2.5"),
+        ]))
+        .unwrap();
+        assert_eq!(c.mode, Mode::Job);
+        assert_eq!(c.defaults.default_preset.epochs, 3);
+        assert_eq!(c.defaults.default_preset.optimizer, OptimizerKind::Adadelta);
+        assert_eq!(c.defaults.device, DeviceChoice::Cpu);
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.ack_wait, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn bad_values_fail_naming_the_variable() {
+        for (name, value) in [
+            ("TRAINER_MODE", "daemon"),
+            ("TRAINER_EPOCHS", "-1"),
+            ("TRAINER_EPOCHS", "many"),
+            ("TRAINER_BATCH_SIZE", "0"),
+            ("TRAINER_LR", "-0.1"),
+            ("TRAINER_OPTIMIZER", "adagrad"),
+            ("TRAINER_DEVICE", "tpu"),
+            ("TRAINER_ACCURACY_FLOOR", "1.5"),
+            ("TRAINER_TOLERANCE", "x"),
+            ("TRAINER_ACK_WAIT_SECS", "0"),
+            ("TRAINER_METRICS_ADDR", "localhost"),
+            ("TRAINER_THREADS", "-2"),
+            ("TRAINER_PROGRESS_BAR", "sometimes"),
+            ("TRAINER_MAX_DELIVER", "0"),
+        ] {
+            let err = Config::from_lookup(env(&[(name, value)])).unwrap_err();
+            assert_eq!(err.var, name, "{name}={value}: {err}");
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! The work-queue side: take a `train.request`, train off the async runtime while
+//! reporting progress and keeping the delivery alive, publish the version, run
+//! the quality gate, announce, and only then acknowledge.
+//!
+//! Delivery semantics:
+//! - invalid request (bad hyperparameters, unknown data set, undecodable JSON):
+//!   `train.failed` with `will_retry: false`, then `term` — never redelivered;
+//! - transient failure (store or NATS trouble, a libtorch error): `train.failed`
+//!   with `will_retry` as the delivery count allows, then `nak` with a delay;
+//! - shutdown mid-run: training stops at the next step and the request is
+//!   `nak`ed at once, so another worker picks it up;
+//! - a crash or kill: no ack, so the server redelivers after the ack wait. A
+//!   partial version is never visible (the store's metadata is the commit
+//!   marker and each attempt uses a fresh version name), and a redelivered
+//!   request whose version was already stored (a crash after the store, before
+//!   the ack) is finished from the stored version instead of training again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mnistflow_nats::{
+    Bus, Delivery, EventId, ModelPublished, ModelVersion, RunId, TrainFailed, TrainProgress, TrainRequest,
+    WorkQueueOptions,
+};
+use mnistflow_store::{ModelMetadata, Store};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::{Config, Mode, ProgressBar};
+use crate::data::{FILE_NAMES, Mnist, RawMnist};
+use crate::gate::{self, Incumbent};
+use crate::metrics::{Metrics, Outcome};
+use crate::params::Hyperparameters;
+use crate::train::{self, Control, LIBTORCH_VERSION, Progress, TrainError};
+
+/// What can stop the worker itself (not a single request).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Bus(#[from] mnistflow_nats::BusError),
+    /// In job mode: the one request failed transiently (it will be redelivered).
+    #[error("the train request failed: {0}")]
+    JobFailed(String),
+}
+
+/// Everything a run needs, handed in by the caller (tests build it themselves).
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub bus: Bus,
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Messages from the training thread.
+enum Update {
+    Progress(Progress),
+    Phase(&'static str),
+}
+
+/// What the training thread hands back.
+struct Artefact {
+    torchscript: Vec<u8>,
+    metrics: mnistflow_nats::ModelMetrics,
+    stats: train::TrainStats,
+    data: crate::data::DataSummary,
+    device: String,
+}
+
+/// A failure of one request.
+enum Failure {
+    /// Retrying cannot help.
+    Permanent(String),
+    /// Retrying may help.
+    Transient(String),
+    Cancelled,
+}
+
+impl Worker {
+    /// Consumes requests until `shutdown` (worker mode) or after one request (job
+    /// mode; it exits if none arrives within `TRAINER_JOB_WAIT_SECS`).
+    ///
+    /// # Errors
+    /// The work queue cannot be bound, or (job mode) the request failed transiently.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let options = WorkQueueOptions { ack_wait: self.config.ack_wait, max_deliver: self.config.max_deliver };
+        let mut queue = self.bus.work_queue::<TrainRequest>(options).await?;
+        info!(mode = ?self.config.mode, "Waiting for train requests.");
+        loop {
+            let next = async {
+                match self.config.mode {
+                    Mode::Worker => queue.next().await,
+                    Mode::Job => tokio::time::timeout(self.config.job_wait, queue.next()).await.unwrap_or_else(|_| {
+                        info!(waited_secs = self.config.job_wait.as_secs_f64(), "No train request arrived; exiting.");
+                        None
+                    }),
+                }
+            };
+            let delivery = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                d = next => match d {
+                    Some(d) => d,
+                    None => break,
+                },
+            };
+            let outcome = self.handle(&delivery, &shutdown).await;
+            self.metrics.run_finished(outcome.0);
+            if self.config.mode == Mode::Job {
+                return match outcome {
+                    (Outcome::Failed | Outcome::Cancelled, reason) => Err(WorkerError::JobFailed(reason)),
+                    _ => Ok(()),
+                };
+            }
+        }
+        info!("Trainer stopped.");
+        Ok(())
+    }
+
+    /// Handles one delivery to its end (ack, nak or term) and says how it ended.
+    pub async fn handle(&self, delivery: &Delivery<TrainRequest>, shutdown: &CancellationToken) -> (Outcome, String) {
+        let request = match delivery.payload() {
+            Ok(r) => r.clone(),
+            Err(e) => {
+                let reason = format!("undecodable train request: {e}");
+                warn!(error = %e, raw = %String::from_utf8_lossy(delivery.raw()), "Undecodable train request terminated.");
+                self.fail(delivery, None, None, &reason, false).await;
+                return (Outcome::Rejected, reason);
+            }
+        };
+        let run_id = RunId::new();
+        let span = info_span!("train", %run_id, request_id = %request.event_id, delivered = delivery.delivered());
+        async {
+            self.metrics.set_busy(true);
+            let started = Instant::now();
+            let result = self.attempt(delivery, &request, run_id, shutdown).await;
+            self.metrics.set_busy(false);
+            match result {
+                Ok(published) => {
+                    self.metrics.published(published.metrics.accuracy, published.metrics.loss, started.elapsed().as_secs_f64());
+                    (Outcome::Published, published.promotion)
+                }
+                Err(Failure::Permanent(reason)) => {
+                    warn!(%reason, "Train request rejected.");
+                    self.fail(delivery, Some(run_id), Some(request.event_id), &reason, false).await;
+                    (Outcome::Rejected, reason)
+                }
+                Err(Failure::Transient(reason)) => {
+                    let will_retry = delivery.delivered() < self.config.max_deliver;
+                    error!(%reason, will_retry, "Training failed.");
+                    self.fail(delivery, Some(run_id), Some(request.event_id), &reason, will_retry).await;
+                    (Outcome::Failed, reason)
+                }
+                Err(Failure::Cancelled) => {
+                    info!("Training interrupted by shutdown; handing the request back.");
+                    if let Err(e) = delivery.nak(None).await {
+                        warn!(error = %e, "Could not hand the request back; it will be redelivered after the ack wait.");
+                    }
+                    (Outcome::Cancelled, "cancelled by shutdown".into())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Announces a failure and settles the delivery: `nak` with delay when it will
+    /// be retried, `term` otherwise.
+    async fn fail(
+        &self,
+        delivery: &Delivery<TrainRequest>,
+        run_id: Option<RunId>,
+        request_id: Option<EventId>,
+        reason: &str,
+        will_retry: bool,
+    ) {
+        let event = TrainFailed {
+            event_id: EventId::new(),
+            run_id,
+            request_id,
+            reason: reason.to_owned(),
+            will_retry,
+            at: chrono::Utc::now(),
+        };
+        if let Err(e) = self.bus.publish(&event).await {
+            warn!(error = %e, "Could not publish train.failed.");
+        }
+        let settled =
+            if will_retry { delivery.nak(Some(self.config.retry_delay)).await } else { delivery.term().await };
+        if let Err(e) = settled {
+            warn!(error = %e, "Could not settle the train request.");
+        }
+    }
+
+    async fn attempt(
+        &self,
+        delivery: &Delivery<TrainRequest>,
+        request: &TrainRequest,
+        run_id: RunId,
+        shutdown: &CancellationToken,
+    ) -> Result<ModelPublished, Failure> {
+        let hp =
+            Hyperparameters::resolve(request, &self.config.defaults).map_err(|e| Failure::Permanent(e.to_string()))?;
+
+        if delivery.delivered() > 1
+            && let Some(stored) = self.stored_version_for(request.event_id).await
+        {
+            info!(version = %stored.version, "This request's version was stored by an earlier attempt; finishing it.");
+            return self.finish(delivery, request, run_id, stored).await;
+        }
+
+        let raw = self.fetch_dataset(request).await?;
+        let dataset_id = raw.dataset_id.clone();
+        info!(dataset_id = ?dataset_id.as_ref().map(ToString::to_string), hyperparameters = %serde_json::to_string(&hp).unwrap_or_default(), "Training started.");
+        let artefact = self.train_off_runtime(delivery, request, run_id, hp.clone(), raw, shutdown).await?;
+
+        let version = ModelVersion::generate();
+        let mut metadata = ModelMetadata::new(version.clone());
+        metadata.dataset_id = dataset_id;
+        metadata.metrics = artefact.metrics.clone();
+        metadata.hyperparameters = serde_json::to_value(&hp).unwrap_or_default();
+        let extra = &mut metadata.extra;
+        extra.insert("run_id".into(), serde_json::json!(run_id));
+        extra.insert("request_id".into(), serde_json::json!(request.event_id));
+        if let Some(by) = &request.requested_by {
+            extra.insert("requested_by".into(), serde_json::json!(by));
+        }
+        extra.insert("dataset".into(), serde_json::to_value(&artefact.data).unwrap_or_default());
+        extra.insert(
+            "training".into(),
+            serde_json::json!({
+                "seconds": artefact.stats.train_secs,
+                "steps": artefact.stats.steps,
+                "examples": artefact.stats.examples,
+                "examples_per_sec": artefact.stats.examples_per_sec,
+                "final_loss": artefact.stats.final_loss,
+                "stopped_early": artefact.stats.stopped_early,
+            }),
+        );
+        extra.insert("device".into(), serde_json::json!(artefact.device));
+        extra.insert("libtorch_version".into(), serde_json::json!(LIBTORCH_VERSION));
+        extra.insert("trainer_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
+        extra.insert("architecture".into(), serde_json::json!(crate::model::ARCHITECTURE));
+        extra.insert(
+            "contract".into(),
+            serde_json::json!({
+                "input": "float [N,1,28,28] in [0,1], white digit on black",
+                "output": "log-probabilities [N,10]",
+            }),
+        );
+
+        let stored = self
+            .store
+            .publish_model(Bytes::from(artefact.torchscript), metadata)
+            .await
+            .map_err(|e| Failure::Transient(format!("storing the model failed: {e}")))?;
+        self.finish(delivery, request, run_id, stored).await
+    }
+
+    /// Gate, promote, announce, acknowledge — for a version that is stored.
+    async fn finish(
+        &self,
+        delivery: &Delivery<TrainRequest>,
+        request: &TrainRequest,
+        run_id: RunId,
+        stored: ModelMetadata,
+    ) -> Result<ModelPublished, Failure> {
+        let version = stored.version.clone();
+        let incumbent = self.incumbent(&version).await?;
+        let hp_force = stored.hyperparameters.get("force").and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let decision = gate::decide(
+            stored.metrics.accuracy,
+            self.config.accuracy_floor,
+            self.config.tolerance,
+            incumbent.as_ref(),
+            hp_force || request.force.unwrap_or(false),
+        );
+        if decision.promote {
+            self.store
+                .promote(&version)
+                .await
+                .map_err(|e| Failure::Transient(format!("promoting {version} failed: {e}")))?;
+        }
+        let event = ModelPublished {
+            event_id: EventId::new(),
+            version: version.clone(),
+            location: format!("{}/", Store::model_prefix(&version)),
+            sha256: stored.sha256.clone(),
+            metrics: stored.metrics.clone(),
+            dataset_id: stored.dataset_id.clone(),
+            run_id: Some(run_id),
+            request_id: Some(request.event_id),
+            hyperparameters: stored.hyperparameters.clone(),
+            promoted: decision.promote,
+            promotion: decision.reason.clone(),
+            at: chrono::Utc::now(),
+        };
+        self.bus.publish(&event).await.map_err(|e| Failure::Transient(format!("announcing {version} failed: {e}")))?;
+        delivery.ack().await.map_err(|e| {
+            // The version is stored and announced; a redelivery finishes from the store.
+            Failure::Transient(format!("acknowledging the request failed: {e}"))
+        })?;
+        info!(
+            %version,
+            accuracy = stored.metrics.accuracy,
+            loss = stored.metrics.loss,
+            promoted = decision.promote,
+            reason = %decision.reason,
+            "Model published."
+        );
+        Ok(event)
+    }
+
+    /// The current version other than `new`, with its accuracy. An unreadable
+    /// current version does not block promotion (the new one replaces it).
+    async fn incumbent(&self, new: &ModelVersion) -> Result<Option<Incumbent>, Failure> {
+        let current =
+            self.store.current().await.map_err(|e| Failure::Transient(format!("reading CURRENT failed: {e}")))?;
+        let Some(current) = current.filter(|c| c != new) else { return Ok(None) };
+        match self.store.model_metadata(&current).await {
+            Ok(Some(m)) => Ok(Some(Incumbent { version: current.to_string(), accuracy: m.metrics.accuracy })),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                warn!(%current, error = %e, "Current version unreadable; the gate ignores it.");
+                Ok(None)
+            }
+        }
+    }
+
+    /// A version an earlier delivery of this request stored, if any.
+    async fn stored_version_for(&self, request_id: EventId) -> Option<ModelMetadata> {
+        let wanted = serde_json::json!(request_id);
+        match self.store.list_models().await {
+            Ok(models) => models.into_iter().rev().find(|m| m.extra.get("request_id") == Some(&wanted)),
+            Err(e) => {
+                warn!(error = %e, "Could not list stored versions; training again.");
+                None
+            }
+        }
+    }
+
+    async fn fetch_dataset(&self, request: &TrainRequest) -> Result<RawMnist, Failure> {
+        let manifest = match &request.dataset_id {
+            Some(id) => self
+                .store
+                .dataset(id)
+                .await
+                .map_err(|e| Failure::Transient(format!("reading data set {id} failed: {e}")))?
+                .ok_or_else(|| Failure::Permanent(format!("dataset_id: data set {id} is not in the store")))?,
+            None => self
+                .store
+                .latest_dataset()
+                .await
+                .map_err(|e| Failure::Transient(format!("listing data sets failed: {e}")))?
+                .ok_or_else(|| Failure::Transient("no data set in the store yet (run the downloader)".into()))?,
+        };
+        let id = manifest.dataset_id.clone();
+        let fetch = |name: &'static str| {
+            let store = self.store.clone();
+            let id = id.clone();
+            async move {
+                store
+                    .get_dataset_file(&id, name)
+                    .await
+                    .map_err(|e| Failure::Transient(format!("reading {name} of data set {id} failed: {e}")))
+            }
+        };
+        let (a, b, c, d) =
+            tokio::try_join!(fetch(FILE_NAMES[0]), fetch(FILE_NAMES[1]), fetch(FILE_NAMES[2]), fetch(FILE_NAMES[3]))?;
+        Ok(RawMnist { dataset_id: Some(id), files: [a, b, c, d], manifest: manifest.files })
+    }
+
+    /// Decodes, trains, evaluates and exports on a blocking thread, while this task
+    /// publishes progress, keeps the delivery alive and watches for shutdown.
+    async fn train_off_runtime(
+        &self,
+        delivery: &Delivery<TrainRequest>,
+        request: &TrainRequest,
+        run_id: RunId,
+        hp: Hyperparameters,
+        raw: RawMnist,
+        shutdown: &CancellationToken,
+    ) -> Result<Artefact, Failure> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let control = Control { cancel: cancel.clone(), progress_interval: self.config.progress_interval };
+        let (tx, mut rx) = mpsc::channel::<Update>(64);
+        let span = tracing::Span::current();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            run_blocking(&raw, &hp, &control, &tx)
+        });
+
+        let bar = progress_bar(self.config.progress_bar);
+        let mut keepalive = tokio::time::interval(keepalive_period(self.config.ack_wait));
+        keepalive.tick().await;
+        let mut phase = "training";
+        let result = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled(), if !cancel.load(Ordering::Relaxed) => {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                // Updates before the result, so the last progress report is not lost.
+                Some(update) = rx.recv() => match update {
+                    Update::Phase(p) => {
+                        phase = p;
+                        if let Some(bar) = &bar { bar.set_message(p) }
+                        info!(phase = p, "Training phase.");
+                    }
+                    Update::Progress(p) => {
+                        self.report(&p, phase, run_id, request.event_id, bar.as_ref()).await;
+                    }
+                },
+                r = &mut job => break r,
+                _ = keepalive.tick() => {
+                    if let Err(e) = delivery.in_progress().await {
+                        warn!(error = %e, "Could not extend the delivery's ack wait.");
+                    }
+                }
+            }
+        };
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        match result {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(TrainError::Cancelled)) => Err(Failure::Cancelled),
+            Ok(Err(e @ (TrainError::Diverged { .. } | TrainError::Data(_)))) => Err(Failure::Permanent(e.to_string())),
+            Ok(Err(e)) => Err(Failure::Transient(e.to_string())),
+            Err(join) => Err(Failure::Transient(format!("the training thread panicked: {join}"))),
+        }
+    }
+
+    async fn report(
+        &self,
+        p: &Progress,
+        phase: &str,
+        run_id: RunId,
+        request_id: EventId,
+        bar: Option<&indicatif::ProgressBar>,
+    ) {
+        self.metrics.progress(p.examples_per_sec, p.loss);
+        match bar {
+            Some(bar) => {
+                bar.set_length(p.steps);
+                bar.set_position(p.step);
+                bar.set_message(format!(
+                    "epoch {}/{} loss {:.4} {:.0} img/s",
+                    p.epoch, p.epochs, p.loss, p.examples_per_sec
+                ));
+            }
+            None => info!(
+                epoch = p.epoch,
+                epochs = p.epochs,
+                step = p.step,
+                steps = p.steps,
+                loss = p.loss,
+                examples_per_sec = p.examples_per_sec,
+                eta_secs = p.eta_secs,
+                "Training progress."
+            ),
+        }
+        let event = TrainProgress {
+            event_id: EventId::new(),
+            run_id,
+            request_id: Some(request_id),
+            phase: phase.to_owned(),
+            epoch: p.epoch,
+            epochs: p.epochs,
+            step: p.step,
+            steps: p.steps,
+            loss: p.loss,
+            examples_per_sec: p.examples_per_sec,
+            eta_secs: p.eta_secs,
+            at: chrono::Utc::now(),
+        };
+        if let Err(e) = self.bus.publish(&event).await {
+            warn!(error = %e, "Could not publish train.progress.");
+        }
+    }
+}
+
+/// In-progress signals go out at a third of the ack wait (at least every 100 ms).
+fn keepalive_period(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(Duration::from_millis(100))
+}
+
+fn progress_bar(setting: ProgressBar) -> Option<indicatif::ProgressBar> {
+    let show = match setting {
+        ProgressBar::On => true,
+        ProgressBar::Off => false,
+        ProgressBar::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    show.then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} steps, eta {eta} {msg}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    })
+}
+
+/// The blocking part: decode, train, evaluate, export.
+fn run_blocking(
+    raw: &RawMnist,
+    hp: &Hyperparameters,
+    control: &Control,
+    tx: &mpsc::Sender<Update>,
+) -> Result<Artefact, TrainError> {
+    let device = hp.device.resolve().map_err(|e| TrainError::Torch(tch::TchError::Kind(e)))?;
+    let data = Mnist::decode(raw).map_err(|e| match e {
+        crate::data::DataError::Torch(t) => TrainError::Torch(t),
+        other => TrainError::Data(other.to_string()),
+    })?;
+    let data = data.to_device(device).map_err(|e| TrainError::Torch(tch::TchError::Kind(e.to_string())))?;
+    let mut trained = train::train(&data, hp, device, control, &mut |p| {
+        // Lossy on purpose: a slow NATS never slows training down.
+        let _ = tx.try_send(Update::Progress(p.clone()));
+    })?;
+    let _ = tx.try_send(Update::Phase("evaluating"));
+    let metrics = train::evaluate(&trained.net, &data.test_images, &data.test_labels)?;
+    let _ = tx.try_send(Update::Phase("exporting"));
+    let check = data.test_images.f_narrow(0, 0, 16)?;
+    let torchscript = train::export_torchscript(&mut trained, &check)?;
+    Ok(Artefact { torchscript, metrics, stats: trained.stats, data: data.summary, device: device_name(device) })
+}
+
+/// `cpu` or `cuda:N`.
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_ascii_lowercase(),
+    }
+}
