@@ -19,6 +19,9 @@
              tells the service to listen on; image tags match the workspace version
   store      every stage that reads STORE_URL gets the store: a path is a mounted
              volume of a claim that exists in the overlay; gs:// and s3:// mount none
+  flows      the NetworkPolicies, evaluated like a CNI would for pods labelled as
+             the rendered templates are, allow each flow of DESIGN.md and deny a list
+             of flows that must not happen (web -> inference, trainer -> internet, ...)
   run        (--run) each workload's real binary (target/debug) runs with exactly
              the environment its pod would get (ConfigMap + Secret + env), against
              that NATS server: only listen addresses, the store path, the mirror
@@ -467,6 +470,138 @@ def store(rendered: dict[str, list[dict]]) -> None:
         ok(f"stages reading STORE_URL ({', '.join(sorted(readers))}) get a writable store volume, or none with a bucket")
 
 
+def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
+    if selector is None:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        value, op = labels.get(e["key"]), e["operator"]
+        if op == "In" and value not in e["values"]:
+            return False
+        if op == "NotIn" and value in e["values"]:
+            return False
+        if op == "Exists" and e["key"] not in labels:
+            return False
+        if op == "DoesNotExist" and e["key"] in labels:
+            return False
+    return True
+
+
+class Endpoint:
+    def __init__(self, name: str, ip: str, namespace: str | None = None, labels: dict | None = None):
+        self.name, self.ip, self.namespace, self.labels = name, ip, namespace, labels or {}
+
+    def ns_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace} if self.namespace else {}
+
+
+def peer_matches(peer: dict, policy_ns: str, ep: Endpoint) -> bool:
+    import ipaddress
+
+    if "ipBlock" in peer:
+        if ep.namespace is not None:  # pod IPs are cluster-internal; policies here never name them by IP
+            return False
+        ip = ipaddress.ip_address(ep.ip)
+        block = peer["ipBlock"]
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(x) for x in block.get("except", []))
+    if ep.namespace is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], ep.ns_labels()):
+            return False
+    elif ep.namespace != policy_ns:
+        return False
+    return "podSelector" not in peer or selector_matches(peer["podSelector"], ep.labels)
+
+
+def port_matches(rule: dict, port: int, protocol: str) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("protocol", "TCP") == protocol and p.get("port") == port for p in ports)
+
+
+def allowed(policies: list[dict], src: Endpoint, dst: Endpoint, port: int, protocol: str) -> bool:
+    for direction, me, other, peers_key in (("Egress", src, dst, "to"), ("Ingress", dst, src, "from")):
+        if me.namespace != "mnistflow":
+            continue  # only our namespace is governed by these policies
+        selecting = [p for p in policies if selector_matches(p["spec"]["podSelector"], me.labels)
+                     and direction in p["spec"].get("policyTypes", ["Ingress"])]
+        if not selecting:
+            continue
+        rules = [r for p in selecting for r in p["spec"].get(direction.lower(), [])]
+        if not any(port_matches(r, port, protocol) and (not r.get(peers_key) or any(
+                peer_matches(peer, "mnistflow", other) for peer in r[peers_key])) for r in rules):
+            return False
+    return True
+
+
+def flows(rendered: dict[str, list[dict]]) -> None:
+    print("flows", flush=True)
+    for name, docs in rendered.items():
+        policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        pods: dict[str, Endpoint] = {}
+        for i, (d, spec) in enumerate(pod_specs(docs)):
+            tpl = d["spec"]["jobTargetRef"]["template"] if d["kind"] == "ScaledJob" else d["spec"]["template"]
+            key = f"{d['metadata']['name']}-{d['kind'].lower()}"
+            pods[key] = Endpoint(key, f"10.8.0.{i + 10}", "mnistflow", tpl["metadata"].get("labels", {}))
+        pods["client"] = Endpoint("a pod labelled inference-client", "10.8.0.99", "mnistflow",
+                                  {"mnistflow.io/inference-client": "true"})
+        pods["other"] = Endpoint("an unlabelled pod", "10.8.0.98", "mnistflow", {})
+        ext = {
+            "keda": Endpoint("keda-operator", "10.8.1.1", "keda", {"app": "keda-operator"}),
+            "prometheus": Endpoint("prometheus", "10.8.1.2", "gmp-system", {"app": "collector"}),
+            "dns": Endpoint("kube-dns", "10.8.1.3", "kube-system", {"k8s-app": "kube-dns"}),
+            "elsewhere": Endpoint("a pod in another namespace", "10.8.1.4", "default", {}),
+            "internet": Endpoint("the internet", "151.101.1.1"),
+            "private": Endpoint("a private address", "10.1.2.3"),
+            "metadata": Endpoint("the metadata server", "169.254.169.254"),
+        }
+        bucket = bool(re.match(r"^(gs|s3)://", (config_map(docs, "mnistflow-config") or {}).get("data", {}).get("STORE_URL", "")))
+        stages = [k for k in pods if k.split("-")[0] in ("downloader", "trainer", "inference", "web")]
+        expect = []  # (src, dst, port, protocol, allowed?)
+        for k in stages:
+            expect.append((pods[k], pods["nats-statefulset"], 4222, "TCP", True))
+            expect.append((pods[k], ext["dns"], 53, "UDP", True))
+            expect.append((pods[k], pods["nats-statefulset"], 8222, "TCP", False))
+            online = k.startswith("downloader") or (bucket and not k.startswith("web"))
+            expect.append((pods[k], ext["internet"], 443, "TCP", online))
+            expect.append((pods[k], ext["private"], 443, "TCP", False))
+            expect.append((pods[k], ext["elsewhere"], 8080, "TCP", False))
+        for k in [k for k in stages if k.startswith("downloader")]:
+            expect.append((pods[k], ext["internet"], 80, "TCP", True))
+            expect.append((pods[k], ext["internet"], 22, "TCP", False))
+            expect.append((pods[k], ext["metadata"], 80, "TCP", bucket))
+        expect += [
+            (ext["internet"], pods["web-deployment"], 8080, "TCP", True),
+            (ext["internet"], pods["inference-deployment"], 8080, "TCP", False),
+            (ext["internet"], pods["nats-statefulset"], 4222, "TCP", False),
+            (ext["keda"], pods["nats-statefulset"], 8222, "TCP", True),
+            (ext["keda"], pods["nats-statefulset"], 4222, "TCP", False),
+            (ext["prometheus"], pods["nats-statefulset"], 8222, "TCP", True),
+            (ext["prometheus"], pods["inference-deployment"], 8080, "TCP", True),
+            (ext["prometheus"], pods["web-deployment"], 8080, "TCP", True),
+            (ext["prometheus"], pods["downloader-deployment"], 9102, "TCP", True),
+            (ext["elsewhere"], pods["nats-statefulset"], 4222, "TCP", False),
+            (ext["elsewhere"], pods["inference-deployment"], 8080, "TCP", False),
+            (pods["client"], pods["inference-deployment"], 8080, "TCP", True),
+            (pods["web-deployment"], pods["inference-deployment"], 8080, "TCP", False),
+            (pods["other"], pods["nats-statefulset"], 4222, "TCP", False),
+            (pods["other"], pods["inference-deployment"], 8080, "TCP", False),
+            (pods["nats-statefulset"], ext["internet"], 443, "TCP", False),
+            (pods["nats-statefulset"], ext["dns"], 53, "UDP", True),
+        ]
+        wrong = [(s, d, port, proto, want) for s, d, port, proto, want in expect
+                 if allowed(policies, s, d, port, proto) != want]
+        for s, d, port, proto, want in wrong:
+            fail(f"{name}: {s.name} -> {d.name}:{port}/{proto} should be {'allowed' if want else 'denied'}")
+        if not wrong:
+            n_allow = sum(1 for e in expect if e[4])
+            ok(f"{name}: {len(policies)} NetworkPolicies allow {n_allow} required flows and deny {len(expect) - n_allow} others"
+               + (" (bucket store: HTTPS egress for its users)" if bucket else ""))
+
+
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path):
         self.log = log
@@ -627,6 +762,7 @@ def main() -> int:
         env(rendered)
         ports(rendered)
         store(rendered)
+        flows(rendered)
         if not NATS_BIN.exists():
             fail("nats-server missing: run scripts/setup")
         else:
