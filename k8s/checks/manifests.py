@@ -569,6 +569,8 @@ def flows(rendered: dict[str, list[dict]]) -> None:
             expect.append((pods[k], ext["internet"], 443, "TCP", online))
             expect.append((pods[k], ext["private"], 443, "TCP", False))
             expect.append((pods[k], ext["elsewhere"], 8080, "TCP", False))
+            expect.append((ext["elsewhere"], pods[k], 9102, "TCP", False))
+            expect.append((ext["internet"], pods[k], 9102, "TCP", False))
         for k in [k for k in stages if k.startswith("downloader")]:
             expect.append((pods[k], ext["internet"], 80, "TCP", True))
             expect.append((pods[k], ext["internet"], 22, "TCP", False))
