@@ -29,7 +29,7 @@
              MNIST from a file:// mirror and exits 0; the trainer Job consumes the
              train.request it published, publishes a version and exits 0; every
              Deployment answers its probes' paths (liveness 200, readiness not
-             404) and, on SIGTERM, exits 0 before its grace period would kill it
+             404) and its PodMonitors' metrics paths (200) and, on SIGTERM, exits 0 before its grace period would kill it
 
 Usage: manifests.py OUT_DIR [--run]   (rendered YAML is left in OUT_DIR for checkov)
 """
@@ -112,19 +112,23 @@ def config_map(docs: list[dict], name: str) -> dict | None:
                  and re.fullmatch(re.escape(name) + r"(-[a-z0-9]{10})?", d["metadata"]["name"])), None)
 
 
-def is_keda(doc: dict) -> bool:
-    return doc.get("apiVersion", "").startswith("keda.sh/")
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+
+
+def is_custom(doc: dict) -> bool:
+    """A custom resource with a schema from npm (KEDA, Prometheus Operator)."""
+    return doc.get("apiVersion", "").startswith(CRD_GROUPS)
 
 
 def schema(rendered: dict[str, list[dict]], out: Path) -> None:
     print("schema", flush=True)
     validate = tool("kubernetes-validate")
-    keda_docs = []
+    custom_docs = []
     for name, docs in rendered.items():
-        builtin = [d for d in docs if not is_keda(d)]
+        builtin = [d for d in docs if not is_custom(d)]
         for d in docs:
-            if is_keda(d):
-                keda_docs.append((name, d))
+            if is_custom(d):
+                custom_docs.append((name, d))
                 if d["kind"] == "ScaledJob":
                     # KEDA's schema leaves the job template open: check it as a real Job.
                     builtin.append({
@@ -147,13 +151,13 @@ def schema(rendered: dict[str, list[dict]], out: Path) -> None:
             else:
                 ok(f"{name}: {len(builtin)} built-in objects valid for Kubernetes {version}, no warnings")
     node_dir = TOOLS / "node"
-    if not (node_dir / "node_modules" / "@kubernetes-models" / "keda").exists():
-        fail("KEDA schema package missing: run MNISTFLOW_K8S_TOOLS=1 scripts/setup")
+    if not (node_dir / "node_modules" / "@kubernetes-models" / "prometheus-operator").exists():
+        fail("CRD schema packages missing: run MNISTFLOW_K8S_TOOLS=1 scripts/setup")
         return
-    payload = out / "keda.json"
-    payload.write_text(json.dumps([{"source": n, "object": d} for n, d in keda_docs]))
+    payload = out / "crds.json"
+    payload.write_text(json.dumps([{"source": n, "object": d} for n, d in custom_docs]))
     proc = subprocess.run(
-        ["node", str(K8S / "checks" / "keda-validate.js"), str(payload)],
+        ["node", str(K8S / "checks" / "crd-validate.js"), str(payload)],
         capture_output=True,
         text=True,
         env={**os.environ, "NODE_PATH": str(node_dir / "node_modules")},
@@ -161,7 +165,7 @@ def schema(rendered: dict[str, list[dict]], out: Path) -> None:
     for line in proc.stdout.splitlines():
         print(f"  {line}")
     if proc.returncode != 0:
-        fail(f"KEDA schema: {proc.stderr.strip() or 'invalid objects'}")
+        fail(f"CRD schemas: {proc.stderr.strip() or 'invalid objects'}")
 
 
 def same_pod() -> None:
@@ -645,6 +649,8 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
     mnist = Path(os.environ.get("MNIST_DIR", ROOT.parent / "shared" / "mnist"))
     workloads = {(d["kind"], d["metadata"]["name"]): (d, spec) for d, spec in pod_specs(docs)}
     base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    # The PodMonitors of any overlay must find metrics where they look.
+    monitors = [d for docs_ in rendered.values() for d in docs_ if d["kind"] == "PodMonitor"]
 
     def env_for(kind: str, name: str, overrides: dict[str, str]) -> tuple[dict, dict, dict[str, str], dict[int, int]]:
         d, spec = workloads[(kind, name)]
@@ -730,6 +736,13 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
                 fail(f"Deployment/{name}: liveness {live['path']} never answered 200 (last {status})\n{p.tail()}")
                 continue
             answers = [f"{live['path']} 200 after {time.monotonic() - t:.1f} s"]
+            labels = d["spec"]["template"]["metadata"].get("labels", {})
+            for endpoint in [e for m in monitors if selector_matches(m["spec"]["selector"], labels)
+                             for e in m["spec"]["podMetricsEndpoints"]]:
+                status = http_status(url({"port": endpoint["port"], "path": endpoint.get("path", "/metrics")}))
+                if status != 200:
+                    fail(f"Deployment/{name}: PodMonitor endpoint {endpoint['port']}{endpoint.get('path')} answered {status}")
+                answers.append(f"{endpoint.get('path', '/metrics')} {status}")
             ready = (c.get("readinessProbe") or {}).get("httpGet")
             if ready:
                 status = http_status(url(ready))
