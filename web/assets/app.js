@@ -276,6 +276,7 @@
     predictSeq++;
     $("result-body").hidden = true;
     $("result-empty").hidden = false;
+    $("quick-answer").hidden = true;
     $("predict-error").hidden = true;
   }
 
@@ -338,6 +339,9 @@
     body.setAttribute("data-source", source);
     body.hidden = false;
     $("result-empty").hidden = true;
+    const quick = $("quick-answer");
+    quick.textContent = `Answer: ${digit}${conf != null ? ` (${(conf * 100).toFixed(0)} %)` : ""}`;
+    quick.hidden = source !== "drawing";
   }
 
   // ---------------------------------------------------------------- pipeline feed
@@ -584,7 +588,14 @@
   function connectFeed() {
     const es = new EventSource("/api/events");
     es.addEventListener("open", () => setFeed("connecting", "Catching up with the pipeline…"));
-    es.addEventListener("error", () => setFeed("error", "Event stream lost; reconnecting…"));
+    es.addEventListener("error", () => {
+      setFeed("error", "Event stream lost; reconnecting…");
+      // A refused stream (503: the server is full) is not retried by the browser itself.
+      if (es.readyState === EventSource.CLOSED) {
+        es.close();
+        setTimeout(connectFeed, 5000 + Math.random() * 5000);
+      }
+    });
     es.addEventListener("live", () => setFeed("live", "Live"));
     es.addEventListener("feed.error", (m) => {
       let msg = "Events unavailable";

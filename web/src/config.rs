@@ -9,6 +9,7 @@
 //! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
 //! | `WEB_EVENTS_REPLAY` | how many recent events a new page replays (plus the last of each kind) | `1000` |
 //! | `WEB_SSE_HEARTBEAT_SECS` | keep-alive comment interval on the event stream | `15` |
+//! | `WEB_MAX_EVENT_STREAMS` | open event streams allowed at once (each holds a JetStream consumer); more get 503 | `1000` |
 //! | `WEB_SHUTDOWN_GRACE_SECS` | how long open connections may finish after shutdown is requested | `5` |
 
 use std::net::IpAddr;
@@ -35,6 +36,7 @@ pub struct Config {
     pub admin_token: Option<SecretString>,
     pub events_replay: usize,
     pub sse_heartbeat: Duration,
+    pub max_event_streams: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -81,6 +83,10 @@ impl Config {
         if heartbeat == 0 {
             return Err(ConfigError::new("WEB_SSE_HEARTBEAT_SECS", "must be at least 1"));
         }
+        let max_event_streams: usize = var_or(&lookup, "WEB_MAX_EVENT_STREAMS", 1_000)?;
+        if max_event_streams == 0 {
+            return Err(ConfigError::new("WEB_MAX_EVENT_STREAMS", "must be at least 1"));
+        }
         let grace: u64 = var_or(&lookup, "WEB_SHUTDOWN_GRACE_SECS", 5)?;
         Ok(Self {
             nats,
@@ -91,6 +97,7 @@ impl Config {
             admin_token,
             events_replay,
             sse_heartbeat: Duration::from_secs(heartbeat),
+            max_event_streams,
             shutdown_grace: Duration::from_secs(grace),
         })
     }
@@ -153,6 +160,7 @@ mod tests {
             ("WEB_ADMIN_TOKEN", "short"),
             ("WEB_EVENTS_REPLAY", "100000"),
             ("WEB_SSE_HEARTBEAT_SECS", "0"),
+            ("WEB_MAX_EVENT_STREAMS", "0"),
         ] {
             let err = Config::from_lookup(env(&[(var, bad)])).unwrap_err();
             assert_eq!(err.var, var, "{var}={bad}: {err}");

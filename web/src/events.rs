@@ -16,12 +16,14 @@ use mnistflow_nats::async_nats::jetstream::consumer::DeliverPolicy;
 use mnistflow_nats::async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use mnistflow_nats::subjects::EVENT_SUBJECTS;
 use mnistflow_nats::{Bus, Subjects, streams};
+use rocket::http::Status;
 use rocket::request::{FromRequest, Outcome};
 use rocket::response::stream::{Event, EventStream};
 use rocket::{Request, Shutdown, State, get};
 use tracing::{debug, warn};
 
 use crate::AppState;
+use crate::error::ApiError;
 
 /// One item of a page's feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,12 +156,18 @@ pub(crate) fn events(
     state: &State<AppState>,
     resume: LastEventId,
     mut shutdown: Shutdown,
-) -> EventStream![Event + 'static] {
+) -> Result<EventStream![Event + 'static], ApiError> {
+    // Each stream holds a consumer on the NATS server: a bounded number at a time.
+    let permit = state.event_streams.clone().try_acquire_owned().map_err(|_| {
+        warn!(limit = state.config.max_event_streams, "Event stream refused: too many open.");
+        ApiError::new(Status::ServiceUnavailable, "too many open event streams on this server; retry shortly")
+    })?;
     let bus = state.bus.clone();
     let replay = state.config.events_replay;
     let metrics = state.metrics.clone();
     let heartbeat = state.config.sse_heartbeat;
-    EventStream! {
+    Ok(EventStream! {
+        let _permit = permit;
         let _open = metrics.sse_client();
         match Feed::open(&bus, replay, resume.0).await {
             Err(e) => {
@@ -183,5 +191,5 @@ pub(crate) fn events(
             },
         }
     }
-    .heartbeat(heartbeat)
+    .heartbeat(heartbeat))
 }

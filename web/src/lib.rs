@@ -50,6 +50,8 @@ pub(crate) struct AppState {
     pub(crate) config: Config,
     pub(crate) bus: Bus,
     pub(crate) metrics: Arc<Metrics>,
+    /// One permit per open event stream.
+    pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why the web tier could not start or stopped.
@@ -89,7 +91,8 @@ fn figment(config: &Config) -> Figment {
 /// Assembles the service: routes, catchers, security headers, metrics.
 pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
     let figment = figment(&config);
-    let state = AppState { config, bus, metrics: Arc::new(Metrics::default()) };
+    let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
+    let state = AppState { config, bus, metrics: Arc::new(Metrics::default()), event_streams };
     rocket::custom(figment)
         .manage(state)
         .mount(

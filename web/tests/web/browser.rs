@@ -478,3 +478,50 @@ async fn a_page_load_requests_nothing_outside_the_server_and_violates_no_csp() {
     );
     b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_fits_a_phone_screen_and_its_controls_are_labelled_and_keyboard_usable() {
+    let (server, bus) = nats().await;
+    let _inference = responder(&bus, Answer::Knn).await;
+    bus.publish(&dataset_ready()).await.unwrap();
+    bus.publish(&published("20261130-040000-0a1b2c", 0.9812, true, None)).await.unwrap();
+    bus.publish(&published("20261130-050000-1b2c3d", 0.9701, false, None)).await.unwrap();
+    bus.publish(&loaded("inference-5f7c9-x2k4q", "20261130-040000-0a1b2c")).await.unwrap();
+    let web = web(&server, &bus, &[("WEB_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
+    let b = Browser::start().await;
+    b.wd.set_window_size(390, 844).await.unwrap();
+    b.open(&web).await;
+    b.until_live().await;
+    b.until("the models table", "return document.querySelectorAll('#models-body tr').length === 2 || null").await;
+
+    // A finger draws; the answer comes; Delete on the focused pad clears it all.
+    stroke(&b, TouchActions::new("finger".into()), &[(0.0, -80.0), (0.0, 80.0)]).await;
+    assert_eq!(b.answer("drawing").await, 1);
+    assert!(b.visible("#quick-answer").await, "on a phone the answer is repeated by the pad");
+    assert!(b.wd.find(Locator::Id("quick-answer")).await.unwrap().text().await.unwrap().starts_with("Answer: 1"));
+    let overflow = b.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth").await;
+    assert!(overflow.as_i64().unwrap() <= 0, "the page scrolls sideways by {overflow} px on a phone");
+    b.screenshot("phone").await;
+    let pad = b.wd.find(Locator::Id("pad")).await.unwrap();
+    pad.send_keys("\u{E017}").await.unwrap(); // Delete
+    b.until(
+        "Delete to clear the pad",
+        "return document.getElementById('result-body').hidden && document.getElementById('undo').disabled || null",
+    )
+    .await;
+
+    // Every visible control has a name a screen reader can announce, and can take focus.
+    let unnamed = b
+        .js("return [...document.querySelectorAll('button, input, canvas[tabindex], select, textarea')]
+               .filter(e => !e.disabled && (e.offsetParent !== null || e.type === 'file'))
+               .filter(e => {
+                 const named = (e.labels && e.labels.length) || e.getAttribute('aria-label') || e.getAttribute('aria-labelledby')
+                   || (e.tagName === 'BUTTON' && e.textContent.trim());
+                 e.focus();
+                 return !named || document.activeElement !== e;
+               })
+               .map(e => e.id || e.outerHTML.slice(0, 60))")
+        .await;
+    assert_eq!(unnamed, json!([]), "controls without a name or focus");
+    b.close().await;
+}

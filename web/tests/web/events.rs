@@ -254,3 +254,18 @@ async fn shutdown_ends_open_event_streams_at_once_and_stops_the_server_within_it
     tokio::time::timeout(Duration::from_secs(6), web.wait()).await.expect("server stopped").unwrap();
     assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn event_streams_beyond_the_limit_are_refused_with_503_until_one_closes() {
+    let (server, bus) = nats().await;
+    let client = client(&server, &bus, &[("WEB_MAX_EVENT_STREAMS", "1")]).await;
+    let mut first = Sse::new(client.get("/api/events").dispatch().await);
+    first.until("live", 1).await;
+    let second = client.get("/api/events").dispatch().await;
+    assert_eq!(second.status(), Status::ServiceUnavailable);
+    let body: serde_json::Value = serde_json::from_str(&second.into_string().await.unwrap()).unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("too many open event streams"), "{body}");
+    drop(first);
+    let mut third = Sse::new(client.get("/api/events").dispatch().await);
+    third.until("live", 1).await;
+}
