@@ -7,7 +7,8 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = mnistflow::Cli::parse();
-    let default_filter = if matches!(cli.command, mnistflow::Command::Up(_)) { "info" } else { "warn" };
+    // `up` narrates the pipeline itself; stage logs show warnings and errors unless RUST_LOG says more.
+    let default_filter = if matches!(cli.command, mnistflow::Command::Up(_)) { "warn,mnistflow=info" } else { "warn" };
     mnistflow_nats::runtime::init_tracing_with_default(default_filter);
     mnistflow::run(cli).await
 }
