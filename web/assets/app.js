@@ -69,6 +69,8 @@
     if (e.button !== 0 && e.pointerType === "mouse") return;
     e.preventDefault();
     pad.setPointerCapture(e.pointerId);
+    // A new stroke supersedes the answer that was about to be asked for.
+    clearTimeout(predictTimer);
     drawing = { id: e.pointerId, points: [padPoint(e)] };
     repaint();
   });
@@ -201,10 +203,11 @@
     clearTimeout(predictTimer);
     const img = mnistCanvas();
     if (!img) return;
+    const strokeCount = strokes.length;
     img.toBlob((blob) => {
       if (!blob) return showError("The drawing could not be exported.");
       showSeen(img);
-      predict(blob, "drawing");
+      predict(blob, "drawing", strokeCount);
     }, "image/png");
   }
 
@@ -286,7 +289,7 @@
     p.hidden = false;
   }
 
-  async function predict(body, source) {
+  async function predict(body, source, strokeCount = 0) {
     const seq = ++predictSeq;
     const headers = body instanceof FormData ? {} : { "Content-Type": body.type || "image/png" };
     $("answer").setAttribute("aria-busy", "true");
@@ -307,10 +310,10 @@
       const msg = json && json.error && json.error.message ? json.error.message : `HTTP ${res.status}`;
       return showError(`${msg} (${res.status})`);
     }
-    showResult(json, ms, source);
+    showResult(json, ms, source, strokeCount);
   }
 
-  function showResult(p, ms, source) {
+  function showResult(p, ms, source, strokeCount) {
     $("predict-error").hidden = true;
     const probs = Array.isArray(p.probabilities) ? p.probabilities : [];
     const digit = Number(p.digit);
@@ -337,6 +340,7 @@
     const body = $("result-body");
     body.setAttribute("data-digit", String(digit));
     body.setAttribute("data-source", source);
+    body.setAttribute("data-strokes", String(strokeCount));
     body.hidden = false;
     $("result-empty").hidden = true;
     const quick = $("quick-answer");

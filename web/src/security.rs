@@ -12,7 +12,7 @@ use rocket::{Request, Response};
 
 /// The Content-Security-Policy of every answer.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
-img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; \
+img-src 'self' blob:; connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; \
 form-action 'self'; frame-ancestors 'none'; require-trusted-types-for 'script'; report-uri /api/csp-report";
 
 /// Adds the security headers.

@@ -346,7 +346,7 @@ async fn health_readiness_and_metrics_answer() {
 #[tokio::test]
 async fn readiness_answers_503_while_nats_is_down() {
     let (mut server, bus) = nats().await;
-    let client = client(&server, &bus, &[]).await;
+    let client = client(&server, &bus, &[("WEB_PREDICT_TIMEOUT_MS", "1000")]).await;
     server.stop();
     crate::common::eventually("NATS disconnect noticed", Duration::from_secs(10), || async {
         (client.get("/readyz").dispatch().await.status() == Status::ServiceUnavailable).then_some(())
