@@ -82,6 +82,8 @@ fn figment(config: &Config) -> Figment {
         .merge(("address", config.address))
         .merge(("port", config.port))
         .merge(("ident", false))
+        // Behind a TCP load balancer no proxy sets X-Real-IP; a client could forge it.
+        .merge(("ip_header", false))
         .merge(("log_level", LogLevel::Off))
         .merge(("cli_colors", false))
         .merge(("shutdown", shutdown))
