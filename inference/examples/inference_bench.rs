@@ -47,7 +47,9 @@ async fn nats_load(url: &str, png: Vec<u8>, in_flight: usize, secs: u64) -> anyh
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     match client.request(subject.clone(), payload.clone()).await {
-                        Ok(m) if serde_json::from_slice::<Prediction>(&m.payload).is_ok() => latencies.push(t.elapsed()),
+                        Ok(m) if serde_json::from_slice::<Prediction>(&m.payload).is_ok() => {
+                            latencies.push(t.elapsed())
+                        }
                         _ => {
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
@@ -154,8 +156,8 @@ async fn reload(store: Store, base: &str, model: Vec<u8>, count: usize, rate: u6
 
 fn digit_png() -> Vec<u8> {
     let dir = mnistflow_integration::mnist_dir();
-    let images =
-        mnistflow_store::idx::parse_gz(&std::fs::read(dir.join("t10k-images-idx3-ubyte.gz")).expect("MNIST")).expect("IDX");
+    let images = mnistflow_store::idx::parse_gz(&std::fs::read(dir.join("t10k-images-idx3-ubyte.gz")).expect("MNIST"))
+        .expect("IDX");
     let img = image::GrayImage::from_raw(28, 28, images.data[..784].to_vec()).expect("28×28");
     let mut out = Vec::new();
     image::DynamicImage::ImageLuma8(img)
@@ -177,7 +179,8 @@ async fn main() -> anyhow::Result<()> {
         Some("png") => std::fs::write(arg(1)?, digit_png())?,
         Some("nats") => nats_load(&arg(1)?, std::fs::read(arg(2)?)?, arg(3)?.parse()?, arg(4)?.parse()?).await?,
         Some("reload") => {
-            reload(Store::open(&arg(1)?)?, &arg(2)?, std::fs::read(arg(3)?)?, arg(4)?.parse()?, arg(5)?.parse()?).await?
+            reload(Store::open(&arg(1)?)?, &arg(2)?, std::fs::read(arg(3)?)?, arg(4)?.parse()?, arg(5)?.parse()?)
+                .await?
         }
         _ => bail!("usage: inference_bench publish|png|nats|reload ... (see the source's header)"),
     }

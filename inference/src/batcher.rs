@@ -203,11 +203,8 @@ impl Worker {
             Ok(out) => {
                 for (job, row) in jobs.drain(..).zip(out.chunks(CLASSES)) {
                     let probabilities: Vec<f32> = row.iter().map(|v| v.exp()).collect();
-                    let digit = probabilities
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| a.1.total_cmp(b.1))
-                        .map_or(0, |(i, _)| i as u8);
+                    let digit =
+                        probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u8);
                     self.metrics.prediction(digit);
                     let _ = job.reply.send(Ok(Answer { digit, probabilities, version: model.version.clone() }));
                 }

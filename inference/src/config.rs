@@ -101,8 +101,7 @@ impl Config {
         if max_batch > 4096 {
             return Err(ConfigError::new("INFERENCE_MAX_BATCH", "must be at most 4096"));
         }
-        let queue_capacity =
-            positive("INFERENCE_QUEUE_CAPACITY", var_or(&lookup, "INFERENCE_QUEUE_CAPACITY", 1024)?)?;
+        let queue_capacity = positive("INFERENCE_QUEUE_CAPACITY", var_or(&lookup, "INFERENCE_QUEUE_CAPACITY", 1024)?)?;
         let batch = BatchConfig {
             max_batch: max_batch as usize,
             max_wait: Duration::from_millis(var_or(&lookup, "INFERENCE_MAX_WAIT_MS", 2)?),

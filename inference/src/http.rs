@@ -64,7 +64,11 @@ fn too_large(service: &Service, size: u64) -> ApiError {
     ApiError::Input(PreprocessError::BodyTooLarge { size, limit: service.limits.max_body_bytes })
 }
 
-async fn answer(service: &Service, started: Instant, result: Result<Prediction, ApiError>) -> Result<Json<Prediction>, ApiError> {
+async fn answer(
+    service: &Service,
+    started: Instant,
+    result: Result<Prediction, ApiError>,
+) -> Result<Json<Prediction>, ApiError> {
     let status = result.as_ref().map_or_else(ApiError::status, |_| 200);
     service.metrics.request("http", status, started.elapsed().as_secs_f64());
     result.map(Json)
@@ -193,8 +197,8 @@ fn readyz(service: &State<Arc<Service>>) -> (Status, Json<Value>) {
 
 #[get("/metrics")]
 fn metrics(service: &State<Arc<Service>>) -> (ContentType, String) {
-    let ct = ContentType::new("application", "openmetrics-text")
-        .with_params([("version", "1.0.0"), ("charset", "utf-8")]);
+    let ct =
+        ContentType::new("application", "openmetrics-text").with_params([("version", "1.0.0"), ("charset", "utf-8")]);
     (ct, service.metrics.encode())
 }
 

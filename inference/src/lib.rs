@@ -128,9 +128,10 @@ impl App {
             trigger.cancelled().await;
             handle.notify();
         });
-        let mut server = tokio::spawn(async move {
-            rocket.launch().await.map(drop).map_err(|e| anyhow::anyhow!("HTTP server: {e}"))
-        });
+        let mut server =
+            tokio::spawn(
+                async move { rocket.launch().await.map(drop).map_err(|e| anyhow::anyhow!("HTTP server: {e}")) },
+            );
         let port = tokio::select! {
             port = port_rx => port.context("the HTTP server stopped before listening")?,
             result = &mut server => {

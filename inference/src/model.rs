@@ -47,8 +47,8 @@ impl Model {
     /// Not TorchScript, the forward pass fails, or the output breaks the contract.
     pub fn load(bytes: &[u8], version: ModelVersion, metadata: Option<ModelMetadata>) -> Result<Self, ModelError> {
         let started = Instant::now();
-        let mut module =
-            CModule::load_data_on_device(&mut Cursor::new(bytes), Device::Cpu).map_err(|e| ModelError::Load(e.to_string()))?;
+        let mut module = CModule::load_data_on_device(&mut Cursor::new(bytes), Device::Cpu)
+            .map_err(|e| ModelError::Load(e.to_string()))?;
         module.f_set_eval().map_err(|e| ModelError::Load(e.to_string()))?;
         let mut model = Self { module, version, metadata, load_time: Duration::ZERO };
         // Warm-up: also allocates libtorch's kernels and buffers before the first request.

@@ -162,9 +162,8 @@ fn to_gray(image: &DynamicImage) -> Gray {
         let transparent = pixels.iter().any(|&(_, a)| a < 0.98);
         let background = if transparent {
             // The colour of the (partly) opaque pixels is the ink's: composite onto its opposite.
-            let (sum, weight) = pixels.iter().fold((0.0f64, 0.0f64), |(s, wt), &(l, a)| {
-                (s + f64::from(l * a), wt + f64::from(a))
-            });
+            let (sum, weight) =
+                pixels.iter().fold((0.0f64, 0.0f64), |(s, wt), &(l, a)| (s + f64::from(l * a), wt + f64::from(a)));
             let ink = if weight > 0.0 { sum / weight } else { 0.0 };
             if ink < 0.5 { 1.0 } else { 0.0 }
         } else {

@@ -44,8 +44,10 @@ enum Attempt {
 impl Reloader {
     /// Runs until `shutdown`. Loads the wanted version at once, then on every change.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut current =
-            self.pinned.is_none().then(|| mnistflow_store::watch::watch_current(self.store.clone(), self.poll, shutdown.child_token()));
+        let mut current = self
+            .pinned
+            .is_none()
+            .then(|| mnistflow_store::watch::watch_current(self.store.clone(), self.poll, shutdown.child_token()));
         let mut published = match self.bus.subscribe::<ModelPublished>().await {
             Ok(s) => Some(s),
             Err(e) => {

@@ -92,7 +92,8 @@ fn assert_prediction(reply: &Reply, what: &str) -> Prediction {
 
 fn assert_error(reply: &Reply, status: u16, what: &str) {
     assert_eq!(reply.status, status, "{what}: {}", reply.json);
-    let e: PredictError = serde_json::from_value(reply.json.clone()).unwrap_or_else(|e| panic!("{what}: not a JSON error: {e}"));
+    let e: PredictError =
+        serde_json::from_value(reply.json.clone()).unwrap_or_else(|e| panic!("{what}: not a JSON error: {e}"));
     assert_eq!(e.error.code, status, "{what}");
     assert!(!e.error.message.is_empty(), "{what}");
 }
@@ -113,7 +114,9 @@ async fn images_of_every_kind_are_classified_with_200() {
         }
     }
     let canvas = DynamicImage::ImageRgba8(canvas);
-    let sixteen = DynamicImage::ImageLuma16(ImageBuffer::from_fn(40, 40, |x, _| Luma([if (18..22).contains(&x) { 65535u16 } else { 0 }])));
+    let sixteen = DynamicImage::ImageLuma16(ImageBuffer::from_fn(40, 40, |x, _| {
+        Luma([if (18..22).contains(&x) { 65535u16 } else { 0 }])
+    }));
     let one = DynamicImage::ImageLuma8(GrayImage::from_pixel(1, 1, Luma([0])));
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
         ("MNIST-format PNG", "image/png", small_png()),
@@ -150,11 +153,7 @@ async fn images_of_every_kind_are_classified_with_200() {
 async fn bad_uploads_get_json_errors_with_400_413_415_and_422_and_the_worker_survives() {
     let world = World::new().await;
     world.serve(&tiny_model(1), "tiny").await;
-    let app = world.start(
-        &[("INFERENCE_MAX_BODY_BYTES", "200000"), ("INFERENCE_MAX_PIXELS", "1000000")],
-        true,
-    )
-    .await;
+    let app = world.start(&[("INFERENCE_MAX_BODY_BYTES", "200000"), ("INFERENCE_MAX_PIXELS", "1000000")], true).await;
     let url = app.url("/v1/predict");
     let png = encode(&DynamicImage::ImageLuma8(drawing()), ImageFormat::Png);
     let jpeg = encode(&DynamicImage::ImageLuma8(drawing()), ImageFormat::Jpeg);
@@ -194,7 +193,11 @@ async fn bad_uploads_get_json_errors_with_400_413_415_and_422_and_the_worker_sur
     }
     let (ct, form) = multipart("picture", "digit.png", "image/png", &png);
     assert_error(&post(&url, Some(&ct), form).await, 400, "multipart without the field `file`");
-    assert_error(&post(&url, Some("multipart/form-data; boundary=x"), b"garbage".to_vec()).await, 400, "malformed multipart");
+    assert_error(
+        &post(&url, Some("multipart/form-data; boundary=x"), b"garbage".to_vec()).await,
+        400,
+        "malformed multipart",
+    );
 
     // Still alive and answering.
     assert_prediction(&post(&url, Some("image/png"), png.clone()).await, "after the bad uploads");
