@@ -27,14 +27,12 @@ struct Load {
 
 impl Load {
     fn start(app: &Running, clients: usize) -> Self {
-        let (stop, seen, failures) = (Arc::new(AtomicBool::new(false)), Arc::default(), Arc::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
         let tasks = (0..clients)
             .map(|_| {
-                let (stop, seen, failures): (
-                    Arc<AtomicBool>,
-                    Arc<Mutex<BTreeMap<String, u64>>>,
-                    Arc<Mutex<Vec<String>>>,
-                ) = (Arc::clone(&stop), Arc::clone(&seen), Arc::clone(&failures));
+                let (stop, seen, failures) = (Arc::clone(&stop), Arc::clone(&seen), Arc::clone(&failures));
                 let url = app.url("/v1/predict");
                 tokio::spawn(async move {
                     let client = http();
