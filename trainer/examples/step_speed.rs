@@ -2,7 +2,7 @@
 //! and in bfloat16 mixed precision (experiments behind the default settings).
 //!
 //! ```sh
-//! cargo run --release -p mnistflow-trainer --example step_speed [steps]
+//! cargo run --release -p mnistflow-trainer --example step_speed [steps] [batch]
 //! ```
 //! Prints images/s by wall clock and per CPU-second (the latter stays meaningful
 //! while other processes share the machine).
@@ -22,7 +22,7 @@ fn cpu_secs() -> f64 {
 
 fn main() {
     let steps: i64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(100);
-    let batch = 64;
+    let batch: i64 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(64);
     let images = Tensor::rand([steps * batch, 1, 28, 28], (Kind::Float, Device::Cpu));
     let labels = Tensor::randint(10, [steps * batch], (Kind::Int64, Device::Cpu));
     for threads in [2, 1] {

@@ -30,6 +30,8 @@ fn main() -> anyhow::Result<()> {
         seed: 1,
         device: DeviceChoice::Auto,
         max_minutes: None,
+        // PRECISION=bf16 trains in bfloat16 mixed precision.
+        precision: std::env::var("PRECISION").ok().map(|p| p.parse()).transpose().map_err(anyhow::Error::msg)?,
     };
     let hp = Hyperparameters::resolve(&request, &defaults)?;
     let device = hp.device.resolve().map_err(anyhow::Error::msg)?;

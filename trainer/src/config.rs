@@ -12,6 +12,7 @@
 //! | `TRAINER_OPTIMIZER` | `adam`, `adamw`, `adadelta`, `sgd` or `rmsprop` for the `default` preset | preset's |
 //! | `TRAINER_SEED` | random seed when the request names none | `1` |
 //! | `TRAINER_DEVICE` | `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present) | `auto` |
+//! | `TRAINER_PRECISION` | training step precision for every preset: `f32`, `bf16` (mixed) or `auto` (bf16 where the CPU has it natively) | `auto` |
 //! | `TRAINER_MAX_MINUTES` | training time limit when the request names none | none |
 //! | `TRAINER_ACCURACY_FLOOR` | minimum test accuracy for promotion to `CURRENT` | `0.97` |
 //! | `TRAINER_TOLERANCE` | how much worse than `CURRENT` a new version may be and still be promoted | `0.002` |
@@ -19,8 +20,8 @@
 //! | `TRAINER_MAX_DELIVER` | deliveries of one request before the server gives up | `5` |
 //! | `TRAINER_RETRY_DELAY_SECS` | delay before a transiently failed request is redelivered | `15` |
 //! | `TRAINER_PROGRESS_SECS` | interval between `train.progress` events | `2` |
-//! | `TRAINER_THREADS` | libtorch intra-op threads (0 = one per CPU this process may use, cgroup quota included) | `0` |
-//! | `TRAINER_METRICS_ADDR` | `host:port` of `/metrics` and `/healthz` in worker mode; empty disables | `0.0.0.0:9102` |
+//! | `TRAINER_THREADS` | libtorch intra-op threads of the training thread (0 = one per CPU this process may use, cgroup quota included) | `1` |
+//! | `TRAINER_METRICS_ADDR` | `host:port` of `/metrics` and `/healthz` in worker mode; empty or `off` disables | `0.0.0.0:9103` |
 //! | `TRAINER_PROGRESS_BAR` | `auto` (when stderr is a terminal), `on` or `off` | `auto` |
 
 use std::net::SocketAddr;
@@ -29,7 +30,7 @@ use std::time::Duration;
 use mnistflow_nats::config::{var, var_or};
 use mnistflow_nats::{ConfigError, NatsConfig};
 
-use crate::params::{DeviceChoice, OptimizerKind, Preset};
+use crate::params::{DeviceChoice, OptimizerKind, Precision, Preset};
 
 /// Whether the process serves requests in a loop or handles one and exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,8 @@ pub struct TrainDefaults {
     pub seed: u64,
     pub device: DeviceChoice,
     pub max_minutes: Option<f64>,
+    /// Overrides every preset's precision when set.
+    pub precision: Option<Precision>,
 }
 
 /// The stage's configuration.
@@ -96,7 +99,10 @@ pub struct Config {
     pub max_deliver: i64,
     pub retry_delay: Duration,
     pub progress_interval: Duration,
-    /// libtorch intra-op threads; 0 keeps libtorch's choice (one per CPU).
+    /// libtorch intra-op threads of the training thread; 0 means one per CPU
+    /// available. The default is 1: the seed's batch-64 step does not scale to
+    /// two threads here, and OpenMP's spinning threads lose 3-4x as soon as
+    /// another process wants a CPU (see the README's benchmark).
     pub threads: usize,
     pub metrics_addr: Option<SocketAddr>,
     pub progress_bar: ProgressBar,
@@ -159,9 +165,9 @@ impl Config {
         if max_deliver < 1 {
             return Err(ConfigError::new("TRAINER_MAX_DELIVER", "must be at least 1"));
         }
-        let threads: usize = var_or(&lookup, "TRAINER_THREADS", 0)?;
+        let threads: usize = var_or(&lookup, "TRAINER_THREADS", 1)?;
         let metrics_addr = match lookup("TRAINER_METRICS_ADDR") {
-            None => Some(SocketAddr::from(([0, 0, 0, 0], 9102))),
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 9103))),
             Some(v) if v.trim().is_empty() || v.trim() == "off" => None,
             Some(v) => Some(
                 v.trim()
@@ -175,7 +181,13 @@ impl Config {
             store_url,
             mode: var_or(&lookup, "TRAINER_MODE", Mode::Worker)?,
             job_wait: secs(&lookup, "TRAINER_JOB_WAIT_SECS", 120.0)?,
-            defaults: TrainDefaults { default_preset: preset, seed, device, max_minutes },
+            defaults: TrainDefaults {
+                default_preset: preset,
+                seed,
+                device,
+                max_minutes,
+                precision: var(&lookup, "TRAINER_PRECISION")?,
+            },
             accuracy_floor,
             tolerance,
             ack_wait: secs(&lookup, "TRAINER_ACK_WAIT_SECS", 60.0)?,
@@ -261,6 +273,7 @@ mod tests {
             ("TRAINER_THREADS", "-2"),
             ("TRAINER_PROGRESS_BAR", "sometimes"),
             ("TRAINER_MAX_DELIVER", "0"),
+            ("TRAINER_PRECISION", "f8"),
         ] {
             let err = Config::from_lookup(env(&[(name, value)])).unwrap_err();
             assert_eq!(err.var, name, "{name}={value}: {err}");

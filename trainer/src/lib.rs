@@ -49,13 +49,6 @@ pub use worker::Worker;
 /// NATS unreachable, the store URL unsupported, the metrics address unusable, or
 /// (job mode) the request failed transiently.
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let threads = match config.threads {
-        // The CPUs this process may use (cgroup quota included), not the host's.
-        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-        n => n,
-    };
-    tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX));
-    tracing::debug!(threads, "libtorch threads set.");
     let store = Store::open(&config.store_url)?;
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     bus.ensure_streams().await?;
@@ -96,6 +89,7 @@ pub fn train_from_dir(dir: &Path, request: &TrainRequest) -> Result<TrainedModel
         seed: 1,
         device: params::DeviceChoice::Cpu,
         max_minutes: None,
+        precision: None,
     };
     let hp = Hyperparameters::resolve(request, &defaults).map_err(|e| TrainError::Data(e.to_string()))?;
     let raw = data::RawMnist::from_dir(dir).map_err(|e| TrainError::Data(e.to_string()))?;

@@ -17,7 +17,7 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::data::Mnist;
 use crate::model::Net;
-use crate::params::{Hyperparameters, OptimizerKind};
+use crate::params::{Hyperparameters, OptimizerKind, Precision};
 
 /// The libtorch version tch 0.26 links (torch-sys refuses to build against another).
 pub const LIBTORCH_VERSION: &str = "2.13.0";
@@ -80,6 +80,8 @@ pub struct TrainStats {
     pub final_loss: f64,
     /// Set when the time limit ended training before the last epoch.
     pub stopped_early: Option<String>,
+    /// The precision the step ran in (`auto` resolved).
+    pub precision: Precision,
 }
 
 /// A trained network and its parameters.
@@ -105,6 +107,7 @@ pub fn train(
     let vs = nn::VarStore::new(device);
     let net = Net::new(&vs.root());
     let mut opt = Optimizer::new(hp.optimizer, &vs, hp.learning_rate)?;
+    let precision = hp.precision.resolve(device);
 
     let available = data.train_images.size()[0];
     let n = hp.max_train_examples.map_or(available, |m| (m as i64).min(available));
@@ -133,15 +136,6 @@ pub fn train(
             if control.cancel.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
-            if let Some(deadline) = deadline
-                && Instant::now() >= deadline
-            {
-                stopped_early = Some(format!(
-                    "time limit of {} min reached after {step} of {total_steps} steps",
-                    hp.max_minutes.unwrap_or(0.0)
-                ));
-                break 'epochs;
-            }
             let start = b * batch;
             let len = batch.min(n - start);
             let mut xs = images.f_narrow(0, start, len)?;
@@ -150,7 +144,11 @@ pub fn train(
                 xs = augment(&xs)?;
             }
             opt.set_lr(hp.learning_rate * hp.schedule.factor(step, total_steps, steps_per_epoch));
-            let loss = net.forward_t(&xs, true).f_nll_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100)?;
+            let out = match precision {
+                Precision::Bf16 => net.forward_mixed(&xs, true, Kind::BFloat16),
+                _ => net.forward_t(&xs, true),
+            };
+            let loss = out.f_nll_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100)?;
             opt.zero_grad();
             loss.f_backward()?;
             opt.step()?;
@@ -158,6 +156,16 @@ pub fn train(
             loss_count += 1;
             step += 1;
             examples += len as u64;
+            if let Some(deadline) = deadline
+                && Instant::now() >= deadline
+                && step < total_steps
+            {
+                stopped_early = Some(format!(
+                    "time limit of {} min reached after {step} of {total_steps} steps",
+                    hp.max_minutes.unwrap_or(0.0)
+                ));
+                break 'epochs;
+            }
 
             let now = Instant::now();
             if now.duration_since(last_report) >= control.progress_interval || step == total_steps {
@@ -199,6 +207,7 @@ pub fn train(
             examples_per_sec: examples as f64 / train_secs.max(1e-9),
             final_loss,
             stopped_early,
+            precision,
         },
     })
 }

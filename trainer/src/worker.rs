@@ -13,7 +13,8 @@
 //!   partial version is never visible (the store's metadata is the commit
 //!   marker and each attempt uses a fresh version name), and a redelivered
 //!   request whose version was already stored (a crash after the store, before
-//!   the ack) is finished from the stored version instead of training again.
+//!   the ack) is finished from the stored version instead of training again
+//!   (every request is first looked up among the stored versions' `request_id`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -205,9 +206,7 @@ impl Worker {
         let hp =
             Hyperparameters::resolve(request, &self.config.defaults).map_err(|e| Failure::Permanent(e.to_string()))?;
 
-        if delivery.delivered() > 1
-            && let Some(stored) = self.stored_version_for(request.event_id).await
-        {
+        if let Some(stored) = self.stored_version_for(request.event_id).await {
             info!(version = %stored.version, "This request's version was stored by an earlier attempt; finishing it.");
             return self.finish(delivery, request, run_id, stored).await;
         }
@@ -238,6 +237,7 @@ impl Worker {
                 "examples_per_sec": artefact.stats.examples_per_sec,
                 "final_loss": artefact.stats.final_loss,
                 "stopped_early": artefact.stats.stopped_early,
+                "precision": artefact.stats.precision,
             }),
         );
         extra.insert("device".into(), serde_json::json!(artefact.device));
@@ -388,8 +388,15 @@ impl Worker {
         let control = Control { cancel: cancel.clone(), progress_interval: self.config.progress_interval };
         let (tx, mut rx) = mpsc::channel::<Update>(64);
         let span = tracing::Span::current();
+        let threads = match self.config.threads {
+            // The CPUs this process may use (cgroup quota included), not the host's.
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        };
         let mut job = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
+            // Set on the thread that trains: with OpenMP the setting is per thread.
+            tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX));
             run_blocking(&raw, &hp, &control, &tx)
         });
 
@@ -397,6 +404,7 @@ impl Worker {
         let mut keepalive = tokio::time::interval(keepalive_period(self.config.ack_wait));
         keepalive.tick().await;
         let mut phase = "training";
+        let mut last: Option<Progress> = None;
         let result = loop {
             tokio::select! {
                 biased;
@@ -407,11 +415,13 @@ impl Worker {
                 Some(update) = rx.recv() => match update {
                     Update::Phase(p) => {
                         phase = p;
-                        if let Some(bar) = &bar { bar.set_message(p) }
-                        info!(phase = p, "Training phase.");
+                        if let Some(last) = &last {
+                            self.report(last, phase, run_id, request.event_id, bar.as_ref()).await;
+                        }
                     }
                     Update::Progress(p) => {
                         self.report(&p, phase, run_id, request.event_id, bar.as_ref()).await;
+                        last = Some(p);
                     }
                 },
                 r = &mut job => break r,
@@ -448,11 +458,12 @@ impl Worker {
                 bar.set_length(p.steps);
                 bar.set_position(p.step);
                 bar.set_message(format!(
-                    "epoch {}/{} loss {:.4} {:.0} img/s",
+                    "{phase}: epoch {}/{} loss {:.4} {:.0} img/s",
                     p.epoch, p.epochs, p.loss, p.examples_per_sec
                 ));
             }
             None => info!(
+                phase,
                 epoch = p.epoch,
                 epochs = p.epochs,
                 step = p.step,

@@ -394,3 +394,92 @@ fn quick_model_is_accurate_and_loads_as_torchscript() {
     let again = mnistflow_trainer::quick_model(Path::new("/nonexistent")).unwrap();
     assert!(Arc::ptr_eq(&model, &again));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_version_is_already_stored_is_finished_from_the_store_without_training() {
+    // What a redelivery finds after a crash between storing the version and acknowledging.
+    let rig = Rig::start().await;
+    let request = TrainRequest::default();
+    let mut stored = ModelMetadata::new(mnistflow_nats::ModelVersion::generate());
+    stored.metrics.accuracy = 0.99;
+    stored.extra.insert("request_id".into(), serde_json::json!(request.event_id));
+    let stored = rig.store.publish_model(bytes::Bytes::from_static(b"torchscript"), stored).await.unwrap();
+    let mut progress = rig.bus.subscribe::<TrainProgress>().await.unwrap();
+    let mut published = rig.bus.subscribe::<ModelPublished>().await.unwrap();
+    let (_m, stop, task) = rig.spawn_worker(&[]);
+
+    rig.bus.publish(&request).await.unwrap();
+    let event = next_matching(&mut published, LONG, |e| e.request_id == Some(request.event_id)).await;
+    assert_eq!(event.version, stored.version);
+    assert!(event.promoted, "{}", event.promotion);
+    assert_eq!(rig.store.current().await.unwrap(), Some(stored.version));
+    assert_eq!(rig.store.list_models().await.unwrap().len(), 1, "no second version");
+    let trained = tokio::time::timeout(Duration::from_millis(500), progress.next()).await;
+    assert!(trained.is_err(), "it trained again: {trained:?}");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_a_worker_down_mid_run_hands_the_request_back_at_once() {
+    let rig = Rig::start().await;
+    let mut progress = rig.bus.subscribe::<TrainProgress>().await.unwrap();
+    let mut published = rig.bus.subscribe::<ModelPublished>().await.unwrap();
+    // A long ack wait: only an explicit hand-back gets the request redelivered in time.
+    let slow = [("TRAINER_ACK_WAIT_SECS", "300")];
+    let (metrics, stop, task) = rig.spawn_worker(&slow);
+    let request = TrainRequest { max_train_examples: Some(3000), ..Default::default() };
+    rig.bus.publish(&request).await.unwrap();
+    let first = next_matching(&mut progress, LONG, |p| p.request_id == Some(request.event_id)).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
+    assert_eq!(metrics.runs(Outcome::Cancelled), 1);
+    assert!(rig.store.list_models().await.unwrap().is_empty());
+
+    let (_m, stop, task) = rig.spawn_worker(&slow);
+    let event = next_matching(&mut published, LONG, |e| e.request_id == Some(request.event_id)).await;
+    assert_ne!(event.run_id, Some(first.run_id));
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+}
+
+#[test]
+fn every_optimizer_learns_and_a_time_limit_ends_training_early() {
+    use mnistflow_trainer::config::TrainDefaults;
+    use mnistflow_trainer::data::{Mnist, RawMnist};
+    use mnistflow_trainer::params::DeviceChoice;
+    use mnistflow_trainer::train::{self, Control};
+
+    tch::set_num_threads(1);
+    let data = Mnist::decode(&RawMnist::from_dir(&mnist_dir()).unwrap()).unwrap();
+    let test_images = data.test_images.narrow(0, 0, 1000);
+    let test_labels = data.test_labels.narrow(0, 0, 1000);
+    let defaults = TrainDefaults {
+        default_preset: mnistflow_trainer::Preset::default_preset(),
+        seed: 3,
+        device: DeviceChoice::Cpu,
+        max_minutes: None,
+        precision: None,
+    };
+    for (optimizer, lr) in [("adam", 2e-3), ("adamw", 2e-3), ("adadelta", 1.0), ("sgd", 0.05), ("rmsprop", 1e-3)] {
+        let request = TrainRequest {
+            optimizer: Some(optimizer.into()),
+            learning_rate: Some(lr),
+            max_train_examples: Some(1500),
+            ..Default::default()
+        };
+        let hp = mnistflow_trainer::Hyperparameters::resolve(&request, &defaults).unwrap();
+        let trained = train::train(&data, &hp, tch::Device::Cpu, &Control::default(), &mut |_| {}).unwrap();
+        assert_eq!(trained.stats.examples, 1500);
+        assert_eq!(trained.stats.stopped_early, None);
+        let metrics = train::evaluate(&trained.net, &test_images, &test_labels).unwrap();
+        assert!(metrics.accuracy > 0.75, "{optimizer}: accuracy {}", metrics.accuracy);
+    }
+
+    let request = TrainRequest { epochs: Some(50), max_minutes: Some(0.02), ..Default::default() };
+    let hp = mnistflow_trainer::Hyperparameters::resolve(&request, &defaults).unwrap();
+    let trained = train::train(&data, &hp, tch::Device::Cpu, &Control::default(), &mut |_| {}).unwrap();
+    assert!(trained.stats.stopped_early.is_some());
+    assert!(trained.stats.train_secs < 10.0, "{}", trained.stats.train_secs);
+    assert!(trained.stats.steps > 0 && trained.stats.examples < 50 * 60_000);
+}
