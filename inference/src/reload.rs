@@ -10,7 +10,12 @@
 //! poll interval and reported once.
 
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mnistflow_store::ModelMetadata;
+use tokio::sync::oneshot;
 
 use mnistflow_nats::{Bus, InferenceLoaded, ModelPublished, ModelVersion, Received};
 use mnistflow_store::{Store, StoreError};
@@ -18,7 +23,52 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::model::{Model, ModelSlot};
+use crate::model::{Model, ModelError, ModelSlot};
+
+enum LoaderJob {
+    Load(Bytes, ModelVersion, ModelMetadata, oneshot::Sender<Result<Model, ModelError>>),
+    Drop(Arc<Model>),
+}
+
+/// One long-lived thread that loads (and frees) every model. Loading on ever
+/// new blocking-pool threads spreads libtorch's allocations over many malloc
+/// arenas, and resident memory then grows with reloads; one thread reuses one.
+struct Loader {
+    tx: mpsc::Sender<LoaderJob>,
+}
+
+impl Loader {
+    fn spawn() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<LoaderJob>();
+        std::thread::Builder::new().name("inference-loader".into()).spawn(move || {
+            for job in rx {
+                match job {
+                    LoaderJob::Load(bytes, version, metadata, reply) => {
+                        let _ = reply.send(Model::load(&bytes, version, Some(metadata)));
+                    }
+                    LoaderJob::Drop(model) => drop(model),
+                }
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    async fn load(&self, bytes: Bytes, version: ModelVersion, metadata: ModelMetadata) -> Result<Model, String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(LoaderJob::Load(bytes, version, metadata, reply))
+            .map_err(|_| "the loader thread is gone".to_owned())?;
+        match answer.await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("loading panicked".to_owned()),
+        }
+    }
+
+    /// Frees `model` on the loader thread, if this was its last user.
+    fn release(&self, model: Arc<Model>) {
+        let _ = self.tx.send(LoaderJob::Drop(model));
+    }
+}
 
 /// Follows the version to serve and keeps the slot loaded with it.
 #[derive(Debug)]
@@ -44,6 +94,13 @@ enum Attempt {
 impl Reloader {
     /// Runs until `shutdown`. Loads the wanted version at once, then on every change.
     pub async fn run(self, shutdown: CancellationToken) {
+        let loader = match Loader::spawn() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start the model loader thread; no model will be loaded.");
+                return;
+            }
+        };
         let mut current = self
             .pinned
             .is_none()
@@ -60,7 +117,7 @@ impl Reloader {
         let mut refused: Option<ModelVersion> = None;
         let mut reported: Option<ModelVersion> = None;
         loop {
-            self.check(&mut refused, &mut reported).await;
+            self.check(&loader, &mut refused, &mut reported).await;
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -88,7 +145,7 @@ impl Reloader {
         }
     }
 
-    async fn check(&self, refused: &mut Option<ModelVersion>, reported: &mut Option<ModelVersion>) {
+    async fn check(&self, loader: &Loader, refused: &mut Option<ModelVersion>, reported: &mut Option<ModelVersion>) {
         let wanted = match self.wanted().await {
             Ok(Some(v)) => v,
             Ok(None) => return,
@@ -100,7 +157,7 @@ impl Reloader {
         if self.slot.version().as_ref() == Some(&wanted) || refused.as_ref() == Some(&wanted) {
             return;
         }
-        match self.load(&wanted).await {
+        match self.load(loader, &wanted).await {
             Attempt::Loaded => {
                 *refused = None;
                 *reported = None;
@@ -117,7 +174,7 @@ impl Reloader {
     }
 
     /// Loads, verifies, warms up and swaps in `version`.
-    async fn load(&self, version: &ModelVersion) -> Attempt {
+    async fn load(&self, loader: &Loader, version: &ModelVersion) -> Attempt {
         let started = Instant::now();
         let (bytes, metadata) = match self.store.load_model(version).await {
             Ok(loaded) => loaded,
@@ -126,12 +183,9 @@ impl Reloader {
             }
             Err(e) => return self.refuse(version, &e.to_string(), started).await,
         };
-        let v = version.clone();
-        let loaded = tokio::task::spawn_blocking(move || Model::load(&bytes, v, Some(metadata))).await;
-        let model = match loaded {
-            Ok(Ok(model)) => Arc::new(model),
-            Ok(Err(e)) => return self.refuse(version, &e.to_string(), started).await,
-            Err(e) => return self.refuse(version, &format!("loading panicked: {e}"), started).await,
+        let model = match loader.load(bytes, version.clone(), metadata).await {
+            Ok(model) => Arc::new(model),
+            Err(e) => return self.refuse(version, &e, started).await,
         };
         let load_ms = started.elapsed().as_secs_f64() * 1000.0;
         let previous = self.slot.swap(model);
@@ -139,7 +193,9 @@ impl Reloader {
         self.metrics.reload(true);
         info!(%version, previous = ?previous.as_ref().map(|m| m.version.as_str()), load_ms, "Model loaded and serving.");
         // The previous model is freed when the last batch holding it ends.
-        drop(previous);
+        if let Some(previous) = previous {
+            loader.release(previous);
+        }
         let event = InferenceLoaded {
             event_id: Default::default(),
             instance: self.instance.clone(),
