@@ -69,6 +69,8 @@ struct Artefact {
     stats: train::TrainStats,
     data: crate::data::DataSummary,
     device: String,
+    /// Seconds per phase of the blocking part.
+    timings: serde_json::Value,
 }
 
 /// A failure of one request.
@@ -241,6 +243,7 @@ impl Worker {
             }),
         );
         extra.insert("device".into(), serde_json::json!(artefact.device));
+        extra.insert("timings".into(), artefact.timings.clone());
         extra.insert("libtorch_version".into(), serde_json::json!(LIBTORCH_VERSION));
         extra.insert("trainer_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
         extra.insert("architecture".into(), serde_json::json!(crate::model::ARCHITECTURE));
@@ -523,22 +526,40 @@ fn run_blocking(
     control: &Control,
     tx: &mpsc::Sender<Update>,
 ) -> Result<Artefact, TrainError> {
+    let started = Instant::now();
     let device = hp.device.resolve().map_err(|e| TrainError::Torch(tch::TchError::Kind(e)))?;
     let data = Mnist::decode(raw).map_err(|e| match e {
         crate::data::DataError::Torch(t) => TrainError::Torch(t),
         other => TrainError::Data(other.to_string()),
     })?;
     let data = data.to_device(device).map_err(|e| TrainError::Torch(tch::TchError::Kind(e.to_string())))?;
+    let decode_secs = started.elapsed().as_secs_f64();
     let mut trained = train::train(&data, hp, device, control, &mut |p| {
         // Lossy on purpose: a slow NATS never slows training down.
         let _ = tx.try_send(Update::Progress(p.clone()));
     })?;
     let _ = tx.try_send(Update::Phase("evaluating"));
+    let t = Instant::now();
     let metrics = train::evaluate(&trained.net, &data.test_images, &data.test_labels)?;
+    let evaluate_secs = t.elapsed().as_secs_f64();
     let _ = tx.try_send(Update::Phase("exporting"));
+    let t = Instant::now();
     let check = data.test_images.f_narrow(0, 0, 16)?;
     let torchscript = train::export_torchscript(&mut trained, &check)?;
-    Ok(Artefact { torchscript, metrics, stats: trained.stats, data: data.summary, device: device_name(device) })
+    let timings = serde_json::json!({
+        "load_secs": decode_secs,
+        "train_secs": trained.stats.train_secs,
+        "evaluate_secs": evaluate_secs,
+        "export_secs": t.elapsed().as_secs_f64(),
+    });
+    Ok(Artefact {
+        torchscript,
+        metrics,
+        stats: trained.stats,
+        data: data.summary,
+        device: device_name(device),
+        timings,
+    })
 }
 
 /// `cpu` or `cuda:N`.
