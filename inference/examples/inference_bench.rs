@@ -138,6 +138,11 @@ async fn reload(store: Store, base: &str, model: Vec<u8>, count: usize, rate: u6
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if rate > 0 {
+            // Keep the load running between reloads, so the count of failed
+            // requests covers ten seconds around ten swaps, not just the swaps.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
     stop.store(true, Ordering::Relaxed);
     if let Some(load) = load {
