@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::model::{Model, ModelError, ModelSlot};
 
 enum LoaderJob {
-    Load(Bytes, ModelVersion, ModelMetadata, oneshot::Sender<Result<Model, ModelError>>),
+    Load(Bytes, ModelVersion, Box<ModelMetadata>, oneshot::Sender<Result<Model, ModelError>>),
     Drop(Arc<Model>),
 }
 
@@ -44,7 +44,7 @@ impl Loader {
             for job in rx {
                 match job {
                     LoaderJob::Load(bytes, version, metadata, reply) => {
-                        let _ = reply.send(Model::load(&bytes, version, Some(metadata)));
+                        let _ = reply.send(Model::load(&bytes, version, Some(*metadata)));
                     }
                     LoaderJob::Drop(model) => drop(model),
                 }
@@ -56,7 +56,7 @@ impl Loader {
     async fn load(&self, bytes: Bytes, version: ModelVersion, metadata: ModelMetadata) -> Result<Model, String> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(LoaderJob::Load(bytes, version, metadata, reply))
+            .send(LoaderJob::Load(bytes, version, Box::new(metadata), reply))
             .map_err(|_| "the loader thread is gone".to_owned())?;
         match answer.await {
             Ok(result) => result.map_err(|e| e.to_string()),
