@@ -122,6 +122,7 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
     let defaults: Vec<(&'static str, String)> = vec![
         ("DOWNLOADER_METRICS_ADDR", format!("{web_addr}:9102")),
         ("TRAINER_METRICS_ADDR", format!("{web_addr}:9103")),
+        ("WEB_METRICS_ADDR", format!("{web_addr}:9104")),
         ("INFERENCE_INSTANCE", "inference-local".into()),
     ];
     let lookup = move |key: &str| -> Option<String> {

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use mnistflow_nats::config::{flag, var, var_or};
+use mnistflow_nats::config::{flag, listen_addr, var, var_or};
 use mnistflow_nats::{ConfigError, NatsConfig};
 use url::Url;
 
@@ -179,14 +179,11 @@ impl Config {
         let temp_dir: Option<PathBuf> = var(&lookup, "DOWNLOADER_TMP_DIR")?;
         let progress = var_or(&lookup, "DOWNLOADER_PROGRESS", ProgressMode::Auto)?;
         let auto_train = flag(&lookup, "DOWNLOADER_AUTO_TRAIN", true)?;
-        let metrics_addr = match lookup("DOWNLOADER_METRICS_ADDR").map(|v| v.trim().to_owned()) {
-            Some(v) if matches!(v.to_ascii_lowercase().as_str(), "off" | "none" | "false") => None,
-            Some(v) if !v.is_empty() => Some(
-                v.parse()
-                    .map_err(|e| ConfigError::new("DOWNLOADER_METRICS_ADDR", format!("cannot parse {v:?}: {e}")))?,
-            ),
-            _ => Some(DEFAULT_METRICS_ADDR.parse().expect("default metrics address parses")),
-        };
+        let metrics_addr = listen_addr(
+            &lookup,
+            "DOWNLOADER_METRICS_ADDR",
+            DEFAULT_METRICS_ADDR.parse().expect("default metrics address parses"),
+        )?;
         let max_deliver: i64 = var_or(&lookup, "DOWNLOADER_MAX_DELIVER", 3)?;
         if max_deliver < 1 {
             return Err(ConfigError::new("DOWNLOADER_MAX_DELIVER", "must be at least 1"));

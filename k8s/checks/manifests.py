@@ -384,13 +384,17 @@ def nats(nats_server: NatsUnderTest) -> bool:
 def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
     """containerPort -> the variable that makes the service listen there."""
     name = container["name"]
+    ports: dict[int, str] = {}
     if name in ("web", "inference"):
         var = f"{name.upper()}_PORT"
-        return {int(env[var]): var} if var in env else {}
-    if name == "downloader" and env.get("DOWNLOADER_MODE") == "service":
-        addr = env.get("DOWNLOADER_METRICS_ADDR", "")
-        return {int(addr.rsplit(":", 1)[1]): "DOWNLOADER_METRICS_ADDR"} if ":" in addr else {}
-    return {}
+        if var in env:
+            ports[int(env[var])] = var
+    addr_var = {"web": "WEB_METRICS_ADDR", "downloader": "DOWNLOADER_METRICS_ADDR"}.get(name)
+    if addr_var and (name != "downloader" or env.get("DOWNLOADER_MODE") == "service"):
+        addr = env.get(addr_var, "")
+        if ":" in addr:
+            ports[int(addr.rsplit(":", 1)[1])] = addr_var
+    return ports
 
 
 def container_env(docs: list[dict], container: dict) -> dict[str, str]:
@@ -587,7 +591,7 @@ def flows(rendered: dict[str, list[dict]]) -> None:
             (ext["keda"], pods["nats-statefulset"], 4222, "TCP", False),
             (ext["prometheus"], pods["nats-statefulset"], 8222, "TCP", True),
             (ext["prometheus"], pods["inference-deployment"], 8080, "TCP", True),
-            (ext["prometheus"], pods["web-deployment"], 8080, "TCP", True),
+            (ext["prometheus"], pods["web-deployment"], 9102, "TCP", True),
             (ext["prometheus"], pods["downloader-deployment"], 9102, "TCP", True),
             (ext["elsewhere"], pods["nats-statefulset"], 4222, "TCP", False),
             (ext["elsewhere"], pods["inference-deployment"], 8080, "TCP", False),

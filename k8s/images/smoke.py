@@ -178,14 +178,16 @@ def main() -> int:
                   "NATS_CONNECT_TIMEOUT_SECS": "30", "LOG_FORMAT": "json", "RUST_LOG": "info"}
         store_env = {"STORE_URL": "/var/lib/mnistflow/store"}
         store_vol = f"{store}:/var/lib/mnistflow/store"
-        web_port, inf_port = free_port(), free_port()
+        web_port, web_metrics_port, inf_port = free_port(), free_port(), free_port()
         try:
             started = {}
             if "web" in stages:
                 t = time.monotonic()
-                started["web"] = start("web", image["web"], {**common, "WEB_ADDRESS": "127.0.0.1", "WEB_PORT": str(web_port)})
-                if wait_http(f"http://127.0.0.1:{web_port}/healthz", 200, 60):
-                    step("web answers /healthz", t)
+                started["web"] = start("web", image["web"], {**common, "WEB_ADDRESS": "127.0.0.1", "WEB_PORT": str(web_port),
+                                                             "WEB_METRICS_ADDR": f"127.0.0.1:{web_metrics_port}"})
+                if wait_http(f"http://127.0.0.1:{web_port}/healthz", 200, 60) and wait_http(
+                        f"http://127.0.0.1:{web_metrics_port}/metrics", 200, 10):
+                    step("web answers /healthz, and /metrics on its own port", t)
                 else:
                     fail(f"web never answered /healthz\n{logs(started['web'])}")
             if "inference" in stages:

@@ -10,6 +10,7 @@
 //! | `NATS_PREFIX` | subject prefix | `mnist` |
 //! | `NATS_CONNECT_TIMEOUT_SECS` | how long start-up keeps retrying an unreachable server | `60` |
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -77,6 +78,25 @@ pub fn flag(lookup: &impl Fn(&str) -> Option<String>, name: &str, default: bool)
             "0" | "false" | "no" | "off" => Ok(false),
             _ => Err(ConfigError::new(name, format!("expected true or false, got {v:?}"))),
         },
+    }
+}
+
+/// A listening address (`host:port`) that may be switched off: unset means
+/// `default`; empty, `off`, `none` or `false` mean `None` (nothing listens).
+///
+/// # Errors
+/// Any other value that is not a socket address; the error names the variable.
+pub fn listen_addr(
+    lookup: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: SocketAddr,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match lookup(name).map(|v| v.trim().to_owned()) {
+        None => Ok(Some(default)),
+        Some(v) if v.is_empty() || matches!(v.to_ascii_lowercase().as_str(), "off" | "none" | "false") => Ok(None),
+        Some(v) => {
+            v.parse().map(Some).map_err(|e| ConfigError::new(name, format!("{v:?} is not host:port or off: {e}")))
+        }
     }
 }
 

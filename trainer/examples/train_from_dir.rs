@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     let t = Instant::now();
-    let check = data.test_images.f_narrow(0, 0, 16)?;
+    let check = data.test_sample(16)?;
     let bytes = train::export_torchscript(&mut trained, &check)?;
     println!("exported {} bytes in {:.2} s", bytes.len(), t.elapsed().as_secs_f64());
     println!("total {:.1} s", started.elapsed().as_secs_f64());

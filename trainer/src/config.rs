@@ -27,7 +27,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mnistflow_nats::config::{var, var_or};
+use mnistflow_nats::config::{listen_addr, var, var_or};
 use mnistflow_nats::{ConfigError, NatsConfig};
 
 use crate::params::{DeviceChoice, OptimizerKind, Precision, Preset};
@@ -166,15 +166,7 @@ impl Config {
             return Err(ConfigError::new("TRAINER_MAX_DELIVER", "must be at least 1"));
         }
         let threads: usize = var_or(&lookup, "TRAINER_THREADS", 1)?;
-        let metrics_addr = match lookup("TRAINER_METRICS_ADDR") {
-            None => Some(SocketAddr::from(([0, 0, 0, 0], 9103))),
-            Some(v) if v.trim().is_empty() || v.trim() == "off" => None,
-            Some(v) => Some(
-                v.trim()
-                    .parse()
-                    .map_err(|e| ConfigError::new("TRAINER_METRICS_ADDR", format!("{v:?} is not host:port: {e}")))?,
-            ),
-        };
+        let metrics_addr = listen_addr(&lookup, "TRAINER_METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9103)))?;
 
         Ok(Self {
             nats,

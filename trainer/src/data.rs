@@ -71,7 +71,8 @@ pub struct DataSummary {
     pub files: Vec<DatasetFile>,
 }
 
-/// The decoded data set: images as float `[N, 1, 28, 28]` in `[0, 1]`, labels as `i64 [N]`.
+/// The decoded data set: images as `u8 [N, 1, 28, 28]` (the file's bytes: a
+/// quarter of the memory of floats; [`pixels`] converts a batch), labels as `i64 [N]`.
 #[derive(Debug)]
 pub struct Mnist {
     pub train_images: Tensor,
@@ -82,7 +83,7 @@ pub struct Mnist {
 }
 
 impl Mnist {
-    /// Decompresses, validates and converts the files (u8 → f32 / 255) once.
+    /// Decompresses and validates the files once, keeping the pixels as bytes.
     ///
     /// # Errors
     /// A file is not valid IDX, shapes disagree, or a checksum differs from the manifest.
@@ -119,9 +120,7 @@ impl Mnist {
                 });
             }
             let n = d.count() as i64;
-            let mut t = Tensor::f_from_slice(&d.data)?.f_view([n, 1, 28, 28])?.f_to_kind(Kind::Float)?;
-            let _ = t.f_div_scalar_(255.0)?;
-            Ok(t)
+            Ok(Tensor::f_from_slice(&d.data)?.f_view([n, 1, 28, 28])?)
         };
         let labels = |i: usize, images: &Tensor| -> Result<Tensor, DataError> {
             let d = &decoded[i];
@@ -152,6 +151,14 @@ impl Mnist {
         Ok(Self { train_images, train_labels, test_images, test_labels, summary })
     }
 
+    /// The first `n` test images as float pixels (the export's round-trip check).
+    ///
+    /// # Errors
+    /// A libtorch error.
+    pub fn test_sample(&self, n: i64) -> Result<Tensor, tch::TchError> {
+        pixels(&self.test_images.f_narrow(0, 0, n.min(self.test_images.size()[0]))?)
+    }
+
     /// Moves the tensors to `device` (a no-op on the CPU).
     ///
     /// # Errors
@@ -167,5 +174,18 @@ impl Mnist {
             test_labels: self.test_labels.f_to_device(device)?,
             summary: self.summary,
         })
+    }
+}
+
+/// Images as the network takes them: float in `[0, 1]`. Bytes (the stored
+/// form) are divided by 255; float tensors are passed through.
+///
+/// # Errors
+/// A libtorch error.
+pub fn pixels(images: &Tensor) -> Result<Tensor, tch::TchError> {
+    if images.kind() == Kind::Uint8 {
+        images.f_to_kind(Kind::Float)?.f_div_scalar(255.0)
+    } else {
+        Ok(images.shallow_clone())
     }
 }

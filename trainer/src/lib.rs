@@ -96,7 +96,7 @@ pub fn train_from_dir(dir: &Path, request: &TrainRequest) -> Result<TrainedModel
     let data = data::Mnist::decode(&raw).map_err(|e| TrainError::Data(e.to_string()))?;
     let mut trained = train::train(&data, &hp, tch::Device::Cpu, &train::Control::default(), &mut |_| {})?;
     let metrics = train::evaluate(&trained.net, &data.test_images, &data.test_labels)?;
-    let check = data.test_images.f_narrow(0, 0, 16)?;
+    let check = data.test_sample(16)?;
     let torchscript = train::export_torchscript(&mut trained, &check)?;
     Ok(TrainedModel { torchscript, metrics, hyperparameters: hp, stats: trained.stats })
 }

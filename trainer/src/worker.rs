@@ -544,7 +544,7 @@ fn run_blocking(
     let evaluate_secs = t.elapsed().as_secs_f64();
     let _ = tx.try_send(Update::Phase("exporting"));
     let t = Instant::now();
-    let check = data.test_images.f_narrow(0, 0, 16)?;
+    let check = data.test_sample(16)?;
     let torchscript = train::export_torchscript(&mut trained, &check)?;
     let timings = serde_json::json!({
         "load_secs": decode_secs,

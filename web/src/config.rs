@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `WEB_ADDRESS` | address to listen on | `0.0.0.0` |
 //! | `WEB_PORT` | port to listen on (`0`: any free port, reported at start) | `8080` |
+//! | `WEB_METRICS_ADDR` | `host:port` of `/metrics` (Prometheus), kept off the public port; empty or `off` disables | `0.0.0.0:9102` |
 //! | `WEB_PREDICT_TIMEOUT_MS` | how long a prediction may wait for an inference instance | `5000` |
 //! | `WEB_MAX_UPLOAD_BYTES` | largest accepted upload (NATS' default `max_payload` is 1 MiB) | `1048576` |
 //! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
@@ -12,11 +13,11 @@
 //! | `WEB_MAX_EVENT_STREAMS` | open event streams allowed at once (each holds a JetStream consumer); more get 503 | `1000` |
 //! | `WEB_SHUTDOWN_GRACE_SECS` | how long open connections may finish after shutdown is requested | `5` |
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use mnistflow_nats::NatsConfig;
-use mnistflow_nats::config::{ConfigError, var_or};
+use mnistflow_nats::config::{ConfigError, listen_addr, var_or};
 use secrecy::{ExposeSecret, SecretString};
 
 /// The shortest admin token accepted: a guessable token is worse than none.
@@ -30,6 +31,9 @@ pub struct Config {
     pub nats: NatsConfig,
     pub address: IpAddr,
     pub port: u16,
+    /// Where `/metrics` is served: a port of its own, never the page's public
+    /// one (the LoadBalancer exposes only that); `None` serves no metrics.
+    pub metrics_addr: Option<SocketAddr>,
     pub predict_timeout: Duration,
     pub max_upload_bytes: u64,
     /// `None` disables the admin API entirely (its routes answer 404).
@@ -57,6 +61,17 @@ impl Config {
         let nats = NatsConfig::from_lookup(&lookup)?.with_client_name("mnistflow-web");
         let address: IpAddr = var_or(&lookup, "WEB_ADDRESS", IpAddr::from([0, 0, 0, 0]))?;
         let port: u16 = var_or(&lookup, "WEB_PORT", 8080)?;
+        let metrics_addr = listen_addr(&lookup, "WEB_METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9102)))?;
+        if metrics_addr.is_some_and(|m| {
+            m.port() != 0
+                && m.port() == port
+                && (m.ip() == address || m.ip().is_unspecified() || address.is_unspecified())
+        }) {
+            return Err(ConfigError::new(
+                "WEB_METRICS_ADDR",
+                format!("must not be the page's public port {port}: metrics are kept off the load balancer"),
+            ));
+        }
         let timeout_ms: u64 = var_or(&lookup, "WEB_PREDICT_TIMEOUT_MS", 5_000)?;
         if timeout_ms == 0 {
             return Err(ConfigError::new("WEB_PREDICT_TIMEOUT_MS", "must be at least 1"));
@@ -92,6 +107,7 @@ impl Config {
             nats,
             address,
             port,
+            metrics_addr,
             predict_timeout: Duration::from_millis(timeout_ms),
             max_upload_bytes,
             admin_token,
@@ -121,6 +137,7 @@ mod tests {
     fn defaults_apply_when_nothing_is_set() {
         let c = Config::from_lookup(|_| None).unwrap();
         assert_eq!(c.port, 8080);
+        assert_eq!(c.metrics_addr, Some(SocketAddr::from(([0, 0, 0, 0], 9102))));
         assert_eq!(c.address.to_string(), "0.0.0.0");
         assert_eq!(c.predict_timeout, Duration::from_secs(5));
         assert_eq!(c.max_upload_bytes, 1_048_576);
@@ -138,6 +155,7 @@ mod tests {
             ("WEB_ADMIN_TOKEN", "0123456789abcdef"),
             ("WEB_EVENTS_REPLAY", "5"),
             ("WEB_SSE_HEARTBEAT_SECS", "2"),
+            ("WEB_METRICS_ADDR", "127.0.0.1:9999"),
         ]))
         .unwrap();
         assert_eq!(c.address.to_string(), "127.0.0.1");
@@ -147,6 +165,8 @@ mod tests {
         assert!(c.admin_enabled());
         assert_eq!(c.events_replay, 5);
         assert_eq!(c.sse_heartbeat, Duration::from_secs(2));
+        assert_eq!(c.metrics_addr, Some(SocketAddr::from(([127, 0, 0, 1], 9999))));
+        assert_eq!(Config::from_lookup(env(&[("WEB_METRICS_ADDR", "off")])).unwrap().metrics_addr, None);
     }
 
     #[test]
@@ -161,6 +181,8 @@ mod tests {
             ("WEB_EVENTS_REPLAY", "100000"),
             ("WEB_SSE_HEARTBEAT_SECS", "0"),
             ("WEB_MAX_EVENT_STREAMS", "0"),
+            ("WEB_METRICS_ADDR", "9102"),
+            ("WEB_METRICS_ADDR", "0.0.0.0:8080"),
         ] {
             let err = Config::from_lookup(env(&[(var, bad)])).unwrap_err();
             assert_eq!(err.var, var, "{var}={bad}: {err}");

@@ -4,7 +4,9 @@
 //!
 //! - [`config`]: `WEB_*` settings.
 //! - `page`: `GET /` (one HTML page with its script, style and icon embedded in
-//!   the binary), `/api/config`, `/healthz`, `/readyz`, `/metrics`.
+//!   the binary), `/api/config`, `/healthz`, `/readyz`.
+//! - `metrics`: Prometheus metrics, served by [`start`] on a listener of its own
+//!   (`WEB_METRICS_ADDR`), off the public port.
 //! - `predict`: `POST /api/predict`, forwarded as a NATS request to
 //!   `<prefix>.predict` (queue group `inference`).
 //! - [`events`]: `GET /api/events`, Server-Sent Events replaying the JetStream
@@ -90,11 +92,16 @@ fn figment(config: &Config) -> Figment {
         .merge(("limits", limits))
 }
 
-/// Assembles the service: routes, catchers, security headers, metrics.
+/// Assembles the public service: routes, catchers, security headers, metrics
+/// counting (not serving: see [`start`]).
 pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
+    build_with(config, bus, Arc::new(Metrics::default()))
+}
+
+fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> {
     let figment = figment(&config);
     let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
-    let state = AppState { config, bus, metrics: Arc::new(Metrics::default()), event_streams };
+    let state = AppState { config, bus, metrics, event_streams };
     rocket::custom(figment)
         .manage(state)
         .mount(
@@ -107,7 +114,6 @@ pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
                 page::config,
                 page::healthz,
                 page::readyz,
-                page::metrics,
                 page::csp_report,
                 predict::predict,
                 events::events,
@@ -121,11 +127,14 @@ pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
         .attach(metrics::HttpMetrics)
 }
 
-/// A running web server.
+/// A running web server: the public listener and, unless switched off, the
+/// metrics listener.
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     task: JoinHandle<Result<(), WebError>>,
+    metrics_task: Option<JoinHandle<Result<(), WebError>>>,
 }
 
 impl Server {
@@ -134,23 +143,60 @@ impl Server {
         self.addr
     }
 
+    /// Where `/metrics` is served (the real port when `WEB_METRICS_ADDR`'s is 0),
+    /// or `None` when metrics are switched off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Waits until the server has stopped (after shutdown and the grace period).
     ///
     /// # Errors
     /// The server failed while running.
     pub async fn wait(self) -> Result<(), WebError> {
-        self.task.await?
+        let result = self.task.await?;
+        if let Some(task) = self.metrics_task {
+            task.await??;
+        }
+        result
     }
 }
 
-/// Binds `config.address:config.port` and serves until `shutdown` is cancelled.
+/// Binds `config.address:config.port` (and `config.metrics_addr`) and serves
+/// until `shutdown` is cancelled.
 ///
 /// # Errors
-/// The address cannot be bound or Rocket refused its configuration.
+/// An address cannot be bound or Rocket refused its configuration.
 pub async fn start(config: Config, bus: Bus, shutdown: CancellationToken) -> Result<Server, WebError> {
+    let metrics = Arc::new(Metrics::default());
+    // Its own token, so that it also stops when the public listener fails to start.
+    let metrics_shutdown = shutdown.child_token();
+    let metrics_listener = match config.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let figment = figment(&config).merge(("address", addr.ip())).merge(("port", addr.port()));
+            let rocket = rocket::custom(figment).manage(metrics.clone()).mount("/", metrics::routes());
+            let (bound, task) = launch(rocket, metrics_shutdown.clone()).await?;
+            info!(addr = %bound, "Web tier metrics listening.");
+            Some((bound, task))
+        }
+    };
+    let (addr, task) =
+        launch(build_with(config, bus, metrics), shutdown).await.inspect_err(|_| metrics_shutdown.cancel())?;
+    info!(%addr, "Web tier listening.");
+    let (metrics_addr, metrics_task) = metrics_listener.unzip();
+    Ok(Server { addr, metrics_addr, task, metrics_task })
+}
+
+/// Ignites and launches `rocket`, stopping it when `shutdown` is cancelled;
+/// returns once it listens, with the address it bound.
+async fn launch(
+    rocket: Rocket<Build>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<Result<(), WebError>>), WebError> {
     let (tx, rx) = oneshot::channel::<SocketAddr>();
     let tx = Mutex::new(Some(tx));
-    let rocket = build(config, bus).attach(AdHoc::on_liftoff("Report the address", move |rocket| {
+    let rocket = rocket.attach(AdHoc::on_liftoff("Report the address", move |rocket| {
         let addr = SocketAddr::new(rocket.config().address, rocket.config().port);
         if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
             let _ = tx.send(addr);
@@ -168,10 +214,7 @@ pub async fn start(config: Config, bus: Bus, shutdown: CancellationToken) -> Res
         Ok(())
     });
     match rx.await {
-        Ok(addr) => {
-            info!(%addr, "Web tier listening.");
-            Ok(Server { addr, task })
-        }
+        Ok(addr) => Ok((addr, task)),
         Err(_) => match task.await? {
             Err(e) => Err(e),
             Ok(()) => Err(WebError::NotStarted),

@@ -1,6 +1,10 @@
-//! Prometheus metrics (`GET /metrics`, OpenMetrics text) and the fairing that
-//! counts every HTTP answer.
+//! Prometheus metrics and the fairing that counts every HTTP answer. `GET
+//! /metrics` (OpenMetrics text) is served by a listener of its own
+//! (`WEB_METRICS_ADDR`, see [`routes`]), never on the page's public port: the
+//! load balancer exposes only that, and request counts, latencies and admin
+//! activity are nobody's business outside the cluster.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -10,7 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rocket::fairing::{Fairing, Info, Kind};
-use rocket::{Data, Request, Response};
+use rocket::http::ContentType;
+use rocket::{Data, Request, Response, Route, State, get};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
@@ -142,4 +147,24 @@ impl Fairing for HttpMetrics {
             state.metrics.http_seconds.observe(at.elapsed().as_secs_f64());
         }
     }
+}
+
+#[derive(rocket::Responder)]
+struct MetricsText {
+    body: String,
+    content_type: ContentType,
+}
+
+#[get("/metrics")]
+fn metrics(metrics: &State<Arc<Metrics>>) -> MetricsText {
+    MetricsText {
+        body: metrics.encode(),
+        content_type: ContentType::new("application", "openmetrics-text")
+            .with_params([("version", "1.0.0"), ("charset", "utf-8")]),
+    }
+}
+
+/// The metrics listener's routes; its Rocket manages an `Arc<Metrics>`.
+pub(crate) fn routes() -> Vec<Route> {
+    rocket::routes![metrics]
 }

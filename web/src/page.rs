@@ -1,5 +1,5 @@
 //! The page and the small routes around it: `/`, its embedded assets,
-//! `/api/config`, `/healthz`, `/readyz`, `/metrics` and the CSP report sink.
+//! `/api/config`, `/healthz`, `/readyz` and the CSP report sink.
 
 use mnistflow_nats::async_nats::connection::State as ConnectionState;
 use rocket::http::{ContentType, Header, Status};
@@ -94,21 +94,6 @@ pub(crate) fn readyz(state: &State<AppState>) -> (Status, Json<Health>) {
         (Status::Ok, Json(Health { status: "ready", nats }))
     } else {
         (Status::ServiceUnavailable, Json(Health { status: "not ready", nats }))
-    }
-}
-
-#[derive(rocket::Responder)]
-pub(crate) struct MetricsText {
-    body: String,
-    content_type: ContentType,
-}
-
-#[get("/metrics")]
-pub(crate) fn metrics(state: &State<AppState>) -> MetricsText {
-    MetricsText {
-        body: state.metrics.encode(),
-        content_type: ContentType::new("application", "openmetrics-text")
-            .with_params([("version", "1.0.0"), ("charset", "utf-8")]),
     }
 }
 

@@ -91,6 +91,7 @@ impl Stack {
             ("INFERENCE_POLL_SECS".into(), "1".into()),
             ("WEB_ADDRESS".into(), "127.0.0.1".into()),
             ("WEB_PORT".into(), "0".into()),
+            ("WEB_METRICS_ADDR".into(), "127.0.0.1:0".into()),
         ];
         for (k, v) in
             self.extra.iter().cloned().chain(overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))

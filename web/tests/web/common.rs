@@ -30,6 +30,7 @@ pub fn config(nats: &NatsServer, extra: &[(&str, &str)]) -> Config {
         ("NATS_URL".into(), nats.url()),
         ("WEB_ADDRESS".into(), "127.0.0.1".into()),
         ("WEB_PORT".into(), "0".into()),
+        ("WEB_METRICS_ADDR".into(), "127.0.0.1:0".into()),
         // Generous: the test responder is unoptimised code on a machine that may be busy.
         ("WEB_PREDICT_TIMEOUT_MS".into(), "20000".into()),
     ];

@@ -314,33 +314,67 @@ async fn admin_commands_with_invalid_input_are_refused_with_422_or_400() {
 }
 
 #[tokio::test]
-async fn health_readiness_and_metrics_answer() {
+async fn health_and_readiness_answer_and_metrics_are_served_only_off_the_public_port() {
     let (server, bus) = nats().await;
-    let client = client(&server, &bus, &[]).await;
-    let r = client.get("/healthz").dispatch().await;
-    assert_eq!(r.status(), Status::Ok);
-    assert_eq!(json(r).await["nats"], "connected");
-    let r = client.get("/readyz").dispatch().await;
-    assert_eq!(r.status(), Status::Ok);
-    let _ = client.post("/api/predict").header(ContentType::PNG).body(b"x").dispatch().await;
-    let r = client.get("/metrics").dispatch().await;
-    assert_eq!(r.status(), Status::Ok);
-    assert!(r.content_type().unwrap().to_string().starts_with("application/openmetrics-text"));
-    let text = r.into_string().await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let web = mnistflow_web::start(crate::common::config(&server, &[]), bus.clone(), shutdown.clone()).await.unwrap();
+    let public = format!("http://{}", web.addr());
+    let metrics_addr = web.metrics_addr().expect("a metrics listener");
+    assert_ne!(metrics_addr.port(), web.addr().port());
+    let http = reqwest::Client::new();
+
+    let r = http.get(format!("{public}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()["nats"], "connected");
+    assert_eq!(http.get(format!("{public}/readyz")).send().await.unwrap().status(), 200);
+    let r =
+        http.post(format!("{public}/api/predict")).header("content-type", "image/png").body("x").send().await.unwrap();
+    assert_eq!(r.status(), 503, "no inference instance");
+    let r = http.get(format!("{public}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "metrics must not be on the page's (load-balanced) port");
+
+    let scrape = || async {
+        let r = http.get(format!("http://{metrics_addr}/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let kind = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+        r.text().await.unwrap()
+    };
+    let text = scrape().await;
     assert!(text.contains(r#"mnistflow_web_predictions_total{outcome="no_responders"} 1"#), "{text}");
     assert!(
         text.contains(r#"mnistflow_web_http_requests_total{method="GET",route="/healthz",status="200"} 1"#),
         "{text}"
     );
-    let r = client
-        .post("/api/csp-report")
-        .header(ContentType::new("application", "csp-report"))
+    assert!(text.contains(r#"route="unmatched",status="404"} 1"#), "the refused /metrics is counted: {text}");
+    assert!(!text.contains(r#"route="/metrics""#), "scrapes are not counted as page traffic: {text}");
+    let r = http
+        .post(format!("{public}/api/csp-report"))
+        .header("content-type", "application/csp-report")
         .body("{}")
-        .dispatch()
-        .await;
-    assert_eq!(r.status(), Status::NoContent);
-    let text = client.get("/metrics").dispatch().await.into_string().await.unwrap();
-    assert!(text.contains("mnistflow_web_csp_reports_total 1"), "{text}");
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(scrape().await.contains("mnistflow_web_csp_reports_total 1"));
+    // Only /metrics there: the page and the API are not served on the metrics port.
+    assert_eq!(http.get(format!("http://{metrics_addr}/")).send().await.unwrap().status(), 404);
+
+    shutdown.cancel();
+    web.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_can_be_switched_off() {
+    let (server, bus) = nats().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let config = crate::common::config(&server, &[("WEB_METRICS_ADDR", "off")]);
+    let web = mnistflow_web::start(config, bus, shutdown.clone()).await.unwrap();
+    assert_eq!(web.metrics_addr(), None);
+    let r = reqwest::get(format!("http://{}/healthz", web.addr())).await.unwrap();
+    assert_eq!(r.status(), 200);
+    shutdown.cancel();
+    web.wait().await.unwrap();
 }
 
 #[tokio::test]
