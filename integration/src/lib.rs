@@ -8,7 +8,9 @@
 //!   bodies, slow bodies) and honours `Range` requests.
 //! - [`mnist_dir`]: the real MNIST files (`../shared/mnist`, or `MNIST_DIR`).
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+//! - [`browser`]: headless Chromium over WebDriver for the page's tests.
 
+pub mod browser;
 mod mirror;
 mod nats_server;
 

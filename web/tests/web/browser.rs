@@ -3,17 +3,13 @@
 //! port, a real nats-server and the test inference responder.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`MNISTFLOW_BROWSER=1 scripts/setup`).
-//! Each test saves a screenshot under `target/screenshots/`.
+//! Each test saves a screenshot under `target/screenshots/`. The browser harness
+//! is the kit's ([`mnistflow_integration::browser`]); the same page against the
+//! real inference stage is tested in `integration/tests/browser.rs`.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-use fantoccini::actions::{InputSource, MOUSE_BUTTON_LEFT, MouseActions, PenActions, PointerAction, TouchActions};
-use fantoccini::wd::WebDriverCompatibleCommand;
-use fantoccini::{ClientBuilder, Locator};
+use fantoccini::Locator;
+use fantoccini::actions::{MouseActions, PenActions, TouchActions};
+use mnistflow_integration::browser::{Browser, Custom, WAIT, clear_answer, stroke};
 use mnistflow_nats::{Bus, RunId, TrainRequest, WorkQueueOptions};
 use mnistflow_web::Server;
 use serde_json::{Value, json};
@@ -21,9 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::{ADMIN_TOKEN, Answer, RESPONDER_VERSION, config, nats, responder, test_digit_png};
 use crate::events::{dataset_ready, loaded, progress, published};
-
-/// Every wait in the page; generous because other builds may share the machine.
-const WAIT: Duration = Duration::from_secs(45);
 
 /// A web server on a random port, stopped on drop.
 struct Web {
@@ -46,207 +39,13 @@ async fn web(nats: &mnistflow_integration::NatsServer, bus: &Bus, extra: &[(&str
     Web { base: format!("http://{addr}"), shutdown, _server: server }
 }
 
-/// A custom WebDriver command (chromedriver's extensions).
-#[derive(Debug)]
-struct Custom {
-    path: &'static str,
-    body: Value,
-}
-
-impl WebDriverCompatibleCommand for Custom {
-    fn endpoint(&self, base: &url::Url, session: Option<&str>) -> Result<url::Url, url::ParseError> {
-        base.join(&format!("session/{}/{}", session.unwrap_or_default(), self.path))
-    }
-
-    fn method_and_body(&self, _url: &url::Url) -> (http::Method, Option<String>) {
-        (http::Method::POST, Some(self.body.to_string()))
-    }
-}
-
-/// Headless Chromium under its own chromedriver; both killed on drop.
-struct Browser {
-    wd: fantoccini::Client,
-    driver: Child,
-    _profile: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // chromedriver leads its own process group: end it and the browsers it started.
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.driver.id())]).status();
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
-/// Records every CSP violation from the first moment of every document.
-const CSP_MONITOR: &str = "window.__cspViolations = [];\
-document.addEventListener('securitypolicyviolation', (e) => window.__cspViolations.push(\
-{directive: e.violatedDirective, blocked: e.blockedURI, sample: e.sample}));";
-
-impl Browser {
-    async fn start() -> Self {
-        let port = free_port();
-        let driver = Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("chromedriver not found: run MNISTFLOW_BROWSER=1 scripts/setup");
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "chromedriver did not listen on {port}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let profile = tempfile::Builder::new().prefix("mnistflow-chromium-").tempdir().unwrap();
-        let mut options = json!({
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--disable-default-apps", "--disable-extensions",
-                "--window-size=1280,1400", "--force-device-scale-factor=1", "--lang=en-US",
-                format!("--user-data-dir={}", profile.path().display()),
-            ],
-        });
-        if let Some(bin) = std::env::var_os("CHROME_BIN")
-            .map(PathBuf::from)
-            .or_else(|| Some(PathBuf::from("/usr/bin/chromium")).filter(|p| p.exists()))
-        {
-            options["binary"] = json!(bin.display().to_string());
-        }
-        let mut caps = serde_json::Map::new();
-        caps.insert("goog:chromeOptions".into(), options);
-        caps.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
-        let wd = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await
-            .expect("WebDriver session");
-        wd.issue_cmd(Custom {
-            path: "goog/cdp/execute",
-            body: json!({"cmd": "Page.addScriptToEvaluateOnNewDocument", "params": {"source": CSP_MONITOR}}),
-        })
-        .await
-        .unwrap();
-        Self { wd, driver, _profile: profile }
-    }
-
-    async fn open(&self, web: &Web) {
-        self.wd.goto(&format!("{}/", web.base)).await.unwrap();
-        self.until("the page has started", "return document.documentElement.dataset.ready === 'true' || null").await;
-    }
-
-    async fn js(&self, script: &str) -> Value {
-        self.wd.execute(script, vec![]).await.unwrap()
-    }
-
-    /// Polls `script` until it returns something other than null/false.
-    async fn until(&self, what: &str, script: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let v = self.js(script).await;
-            if !(v.is_null() || v == Value::Bool(false)) {
-                return v;
-            }
-            if tokio::time::Instant::now() > deadline {
-                let _ = self.screenshot(&format!("timeout-{}", what.replace(' ', "-"))).await;
-                panic!("timed out after {WAIT:?} waiting for {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn until_live(&self) {
-        self.until(
-            "the event stream to be live",
-            "return document.getElementById('feed-status').dataset.state === 'live' || null",
-        )
-        .await;
-    }
-
-    async fn screenshot(&self, name: &str) -> PathBuf {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{name}.png"));
-        std::fs::write(&path, self.wd.screenshot().await.unwrap()).unwrap();
-        path
-    }
-
-    async fn visible(&self, css: &str) -> bool {
-        match self.wd.find(Locator::Css(css)).await {
-            Ok(e) => e.is_displayed().await.unwrap(),
-            Err(_) => false,
-        }
-    }
-
-    /// The digit the page shows once an answer with that source arrived.
-    async fn answer(&self, source: &str) -> u8 {
-        let script = format!(
-            "const b = document.getElementById('result-body'); \
-             return (!b.hidden && b.dataset.source === '{source}') ? document.getElementById('digit').textContent : null"
-        );
-        self.until(&format!("an answer for the {source}"), &script).await.as_str().unwrap().parse().unwrap()
-    }
-
-    /// The digit the page shows for a drawing of `strokes` strokes (not an earlier,
-    /// partial one: the page may ask between strokes).
-    async fn drawing_answer(&self, strokes: usize) -> u8 {
-        let script = format!(
-            "const b = document.getElementById('result-body'); \
-             return (!b.hidden && b.dataset.source === 'drawing' && b.dataset.strokes === '{strokes}') \
-               ? document.getElementById('digit').textContent : null"
-        );
-        self.until(&format!("an answer for a drawing of {strokes} strokes"), &script)
-            .await
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    async fn close(self) {
-        let _ = self.wd.clone().close().await;
-    }
-}
-
-async fn clear_answer(b: &Browser) {
-    b.wd.find(Locator::Id("clear")).await.unwrap().click().await.unwrap();
-    b.until("the answer to clear", "return document.getElementById('result-body').hidden || null").await;
-}
-
-/// Draws `points` (offsets from the canvas centre, in CSS pixels) as one stroke.
-async fn stroke<S>(b: &Browser, source: S, points: &[(f64, f64)])
-where
-    S: InputSource<Action = PointerAction>,
-{
-    let canvas = b.wd.find(Locator::Id("pad")).await.unwrap();
-    let (x, y) = points[0];
-    let mut s = source.then(PointerAction::MoveToElement { element: canvas.clone(), duration: None, x, y });
-    s = s.then(PointerAction::Down { button: MOUSE_BUTTON_LEFT });
-    for &(x, y) in &points[1..] {
-        s = s.then(PointerAction::MoveToElement {
-            element: canvas.clone(),
-            duration: Some(Duration::from_millis(30)),
-            x,
-            y,
-        });
-    }
-    s = s.then(PointerAction::Up { button: MOUSE_BUTTON_LEFT });
-    b.wd.perform_actions(s).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploading_a_real_mnist_digit_shows_the_right_digit_and_its_probabilities() {
     let (server, bus) = nats().await;
     let _inference = responder(&bus, Answer::Knn).await;
     let web = web(&server, &bus, &[]).await;
     let b = Browser::start().await;
-    b.open(&web).await;
+    b.open(&web.base).await;
 
     let dir = tempfile::tempdir().unwrap();
     for index in [0usize, 1] {
@@ -296,7 +95,7 @@ async fn drawing_digits_with_mouse_pen_and_touch_gets_predictions() {
     let inference = responder(&bus, Answer::Knn).await;
     let web = web(&server, &bus, &[]).await;
     let b = Browser::start().await;
-    b.open(&web).await;
+    b.open(&web.base).await;
 
     // A one, with the mouse.
     stroke(&b, MouseActions::new("mouse".into()), &[(0.0, -95.0), (2.0, -30.0), (4.0, 30.0), (6.0, 95.0)]).await;
@@ -340,7 +139,7 @@ async fn a_model_published_while_the_page_is_open_appears_without_a_reload() {
     bus.publish(&loaded("inference-5f7c9-x2k4q", "20261130-040000-0a1b2c")).await.unwrap();
     let web = web(&server, &bus, &[]).await;
     let b = Browser::start().await;
-    b.open(&web).await;
+    b.open(&web.base).await;
     b.until_live().await;
     b.until(
         "the replayed model",
@@ -398,7 +197,7 @@ async fn admin_controls_are_absent_without_a_token() {
     let (server, bus) = nats().await;
     let web = web(&server, &bus, &[]).await;
     let b = Browser::start().await;
-    b.open(&web).await;
+    b.open(&web.base).await;
     b.until_live().await;
     assert!(!b.visible("#admin").await, "admin section shown without a token");
     for id in ["#admin-token", "#admin-download", "#admin-train", "#admin-promote"] {
@@ -417,7 +216,7 @@ async fn admin_controls_with_a_token_send_a_training_request() {
     bus.publish(&published("20261130-050000-1b2c3d", 0.9701, false, None)).await.unwrap();
     let web = web(&server, &bus, &[("WEB_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
     let b = Browser::start().await;
-    b.open(&web).await;
+    b.open(&web.base).await;
     b.until_live().await;
     assert!(b.visible("#admin").await);
     // A wrong token is refused, and says so.
@@ -452,7 +251,7 @@ async fn a_page_load_requests_nothing_outside_the_server_and_violates_no_csp() {
     bus.publish(&dataset_ready()).await.unwrap();
     let web = web(&server, &bus, &[("WEB_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
     let b = Browser::start().await;
-    b.open(&web).await;
+    b.open(&web.base).await;
     b.until_live().await;
     stroke(&b, MouseActions::new("mouse".into()), &[(0.0, -90.0), (0.0, 90.0)]).await;
     b.answer("drawing").await;
@@ -507,7 +306,7 @@ async fn the_page_fits_a_phone_screen_and_its_controls_are_labelled_and_keyboard
     let web = web(&server, &bus, &[("WEB_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
     let b = Browser::start().await;
     b.wd.set_window_size(390, 844).await.unwrap();
-    b.open(&web).await;
+    b.open(&web.base).await;
     b.until_live().await;
     b.until("the models table", "return document.querySelectorAll('#models-body tr').length === 2 || null").await;
 
