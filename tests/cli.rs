@@ -95,6 +95,7 @@ async fn predict_models_train_download_and_events_against_running_stages() {
                 "DOWNLOADER_METRICS_ADDR" | "TRAINER_METRICS_ADDR" => "off".into(),
                 "TRAINER_MODE" => "worker".into(),
                 "TRAINER_PROGRESS_BAR" => "off".into(),
+                "TRAINER_THREADS" => "1".into(),
                 "INFERENCE_ADDRESS" => "127.0.0.1".into(),
                 "INFERENCE_PORT" => "0".into(),
                 "INFERENCE_POLL_SECS" => "1".into(),

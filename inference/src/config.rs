@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `INFERENCE_ADDRESS` / `INFERENCE_PORT` | where the HTTP API listens (port 0: any free port) | `0.0.0.0` / `8080` |
 //! | `INFERENCE_WORKERS` | Rocket worker threads | number of CPUs |
-//! | `INFERENCE_MAX_BATCH` | most images in one forward pass | `64` |
+//! | `INFERENCE_MAX_BATCH` | most images in one forward pass | `32` |
 //! | `INFERENCE_MAX_WAIT_MS` | how long the batcher waits to fill a batch after the first request | `2` |
 //! | `INFERENCE_QUEUE_CAPACITY` | requests waiting for the compute thread before 503 | `1024` |
 //! | `INFERENCE_TORCH_THREADS` | libtorch intra-op threads (0: libtorch's default) | `0` |
@@ -54,7 +54,7 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_batch: 64, max_wait: Duration::from_millis(2), queue_capacity: 1024, torch_threads: 0 }
+        Self { max_batch: 32, max_wait: Duration::from_millis(2), queue_capacity: 1024, torch_threads: 0 }
     }
 }
 
@@ -97,7 +97,7 @@ impl Config {
         let positive = |name: &str, v: u64| {
             if v == 0 { Err(ConfigError::new(name, "must be greater than 0")) } else { Ok(v) }
         };
-        let max_batch = positive("INFERENCE_MAX_BATCH", var_or(&lookup, "INFERENCE_MAX_BATCH", 64)?)?;
+        let max_batch = positive("INFERENCE_MAX_BATCH", var_or(&lookup, "INFERENCE_MAX_BATCH", 32)?)?;
         if max_batch > 4096 {
             return Err(ConfigError::new("INFERENCE_MAX_BATCH", "must be at most 4096"));
         }

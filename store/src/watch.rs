@@ -30,7 +30,9 @@ pub fn watch_current(
         let dir = root.join(MODELS_PREFIX);
         std::fs::create_dir_all(&dir).ok()?;
         let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Reads are events too (inotify reports opening and closing a file
+            // unwritten): reacting to our own read of CURRENT would loop forever.
+            if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                 // A full channel already holds a wake-up: that is the debounce.
                 let _ = wake_tx.try_send(());
             }

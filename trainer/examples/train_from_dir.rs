@@ -25,8 +25,17 @@ fn main() -> anyhow::Result<()> {
     }
     println!("libtorch threads: {}", tch::get_num_threads());
     let dir = std::env::var("MNIST_DIR").unwrap_or_else(|_| "../shared/mnist".into());
+    let mut default_preset = Preset::default_preset();
+    // LABEL_SMOOTHING=x overrides the default preset's (experiments).
+    if let Ok(v) = std::env::var("LABEL_SMOOTHING") {
+        default_preset.label_smoothing = v.parse()?;
+    }
+    // WARMUP=x: the one-cycle schedule's warm-up fraction.
+    if let Ok(v) = std::env::var("WARMUP") {
+        default_preset.schedule = mnistflow_trainer::params::Schedule::OneCycle { warmup: v.parse()? };
+    }
     let defaults = TrainDefaults {
-        default_preset: Preset::default_preset(),
+        default_preset,
         seed: 1,
         device: DeviceChoice::Auto,
         max_minutes: None,

@@ -148,7 +148,13 @@ pub fn train(
                 Precision::Bf16 => net.forward_mixed(&xs, true, Kind::BFloat16),
                 _ => net.forward_t(&xs, true),
             };
-            let loss = out.f_nll_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100)?;
+            // The network's output is log-probabilities; cross-entropy's own
+            // log-softmax leaves them unchanged, so it only adds the smoothing.
+            let loss = if hp.label_smoothing > 0.0 {
+                out.f_cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100, hp.label_smoothing)?
+            } else {
+                out.f_nll_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100)?
+            };
             opt.zero_grad();
             loss.f_backward()?;
             opt.step()?;

@@ -81,6 +81,8 @@ impl Stack {
             ("TRAINER_MODE".into(), "worker".into()),
             ("TRAINER_METRICS_ADDR".into(), "off".into()),
             ("TRAINER_PROGRESS_BAR".into(), "off".into()),
+            // Tests run side by side: one thread each (see TRAINER_THREADS).
+            ("TRAINER_THREADS".into(), "1".into()),
             // A short run keeps CI sane; the floor is lowered to match.
             ("TRAINER_MAX_MINUTES".into(), "0.15".into()),
             ("TRAINER_ACCURACY_FLOOR".into(), "0.5".into()),
