@@ -1,6 +1,7 @@
 //! The micro-batcher behind both APIs: a bounded queue into one dedicated compute
 //! thread that collects up to `max_batch` requests (waiting at most `max_wait`
-//! after the first), runs one forward pass on the model served at that moment, and
+//! after the first while requests come concurrently; after a batch of one, a
+//! request runs as soon as it arrives), runs one forward pass on the model served at that moment, and
 //! answers each request through its oneshot channel.
 //!
 //! The queue is bounded: when it is full a request is refused at once
@@ -143,8 +144,12 @@ impl Worker {
         }
         let mut jobs: Vec<Job> = Vec::with_capacity(self.config.max_batch);
         let mut input: Vec<f32> = Vec::with_capacity(self.config.max_batch * PIXELS);
-        while self.collect(&mut jobs) {
+        // Waiting for a batch to fill only pays when requests come concurrently:
+        // after a batch of one, the next request runs as soon as it arrives.
+        let mut wait = true;
+        while self.collect(&mut jobs, wait) {
             let n = jobs.len();
+            wait = n > 1;
             let depth = self.depth.fetch_sub(n as i64, Ordering::Relaxed) - n as i64;
             self.metrics.queue_depth(depth);
             // A panic must not kill the thread: the dropped reply channels tell
@@ -157,14 +162,15 @@ impl Worker {
         info!("Compute thread stopped: queue closed and drained.");
     }
 
-    /// Blocks for the first job, then gathers more until the batch is full or
-    /// `max_wait` has passed. False once the queue is closed and empty.
-    fn collect(&self, jobs: &mut Vec<Job>) -> bool {
+    /// Blocks for the first job, then takes what is already queued and, when
+    /// `wait`, gathers more until the batch is full or `max_wait` has passed.
+    /// False once the queue is closed and empty.
+    fn collect(&self, jobs: &mut Vec<Job>, wait: bool) -> bool {
         match self.rx.recv() {
             Ok(job) => jobs.push(job),
             Err(_) => return false,
         }
-        let deadline = Instant::now() + self.config.max_wait;
+        let deadline = Instant::now() + if wait { self.config.max_wait } else { Duration::ZERO };
         while jobs.len() < self.config.max_batch {
             match self.rx.try_recv() {
                 Ok(job) => {

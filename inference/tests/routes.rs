@@ -351,3 +351,22 @@ fn the_openapi_document_lists_exactly_the_mounted_routes() {
         .collect();
     assert_eq!(documented_operations(), mounted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_is_not_held_back_to_fill_a_batch() {
+    let world = World::new().await;
+    world.serve(&tiny_model(5), "served").await;
+    // A batch window far longer than any forward pass: the first batch may wait
+    // for it (nothing is known yet); after a batch of one, requests that come
+    // one at a time run at once.
+    let app = world.start(&[("INFERENCE_MAX_WAIT_MS", "3000")], true).await;
+    let url = app.url("/v1/predict");
+    assert_eq!(post(&url, Some("image/png"), small_png()).await.status, 200);
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        assert_eq!(post(&url, Some("image/png"), small_png()).await.status, 200);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1500), "a lone request waited {took:?} for company");
+    }
+    app.stop(Duration::from_secs(10)).await;
+}
