@@ -136,7 +136,7 @@ fn decode<M: DeserializeOwned>(payload: &[u8]) -> Option<M> {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+    outln!("{}", serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
 }
 
 async fn download(
@@ -191,7 +191,7 @@ async fn download(
             if json {
                 print_json(&ready);
             } else {
-                println!(
+                outln!(
                     "Data set {} ready{} at {} ({} training + {} test images, from {}).",
                     ready.dataset_id,
                     if ready.reused { " (already stored)" } else { "" },
@@ -292,7 +292,7 @@ async fn train(bus: &Bus, args: &TrainArgs, json: bool) -> Result<Exit, CliError
             if json {
                 print_json(&published);
             } else {
-                println!(
+                outln!(
                     "Published {}: test accuracy {:.2} %, loss {:.4}; {} ({}).",
                     published.version,
                     published.metrics.accuracy * 100.0,
@@ -342,13 +342,7 @@ async fn predict(
                     );
                 } else {
                     let confidence = p.probabilities.get(usize::from(p.digit)).copied().unwrap_or_default();
-                    println!(
-                        "{}: {} ({:.1} %, model {})",
-                        file.display(),
-                        p.digit,
-                        confidence * 100.0,
-                        p.model_version
-                    );
+                    outln!("{}: {} ({:.1} %, model {})", file.display(), p.digit, confidence * 100.0, p.model_version);
                 }
             }
             PredictReply::Err(e) => {
@@ -429,11 +423,11 @@ async fn models(action: ModelsAction, json: bool, shutdown: &CancellationToken) 
             if json {
                 print_json(&serde_json::json!({"current": current, "versions": versions}));
             } else if versions.is_empty() {
-                println!("No model versions in {}.", store.url());
+                outln!("No model versions in {}.", store.url());
             } else {
                 for m in &versions {
                     let mark = if Some(&m.version) == current.as_ref() { "*" } else { " " };
-                    println!(
+                    outln!(
                         "{mark} {}  accuracy {:.2} %  loss {:.4}  dataset {}  {}",
                         m.version,
                         m.metrics.accuracy * 100.0,
@@ -461,7 +455,7 @@ async fn models(action: ModelsAction, json: bool, shutdown: &CancellationToken) 
             if json {
                 print_json(&meta);
             } else {
-                println!("{}", serde_json::to_string_pretty(&meta).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&meta).unwrap_or_default());
             }
             Ok(Exit::Ok)
         }
@@ -501,7 +495,7 @@ async fn models(action: ModelsAction, json: bool, shutdown: &CancellationToken) 
             if json {
                 print_json(&loaded);
             } else if loaded.ok {
-                println!("{} now serves {version}.", loaded.instance);
+                outln!("{} now serves {version}.", loaded.instance);
             } else {
                 eprintln!(
                     "{} refused {version}: {}",
@@ -587,7 +581,7 @@ async fn events(bus: &Bus, follow: bool, json: bool, shutdown: &CancellationToke
             let payload: serde_json::Value = serde_json::from_slice(&event.payload).unwrap_or(serde_json::Value::Null);
             print_json(&serde_json::json!({"subject": event.suffix, "sequence": event.sequence, "payload": payload}));
         } else {
-            println!("{:>6} {:<18} {}", event.sequence, event.suffix, describe(&event.suffix, &event.payload));
+            outln!("{:>6} {:<18} {}", event.sequence, event.suffix, describe(&event.suffix, &event.payload));
         }
         if !follow && event.sequence >= replay.last_at_start {
             return Ok(Exit::Ok);

@@ -6,6 +6,20 @@
 //! answered with a failure (training rejected, download failed, prediction
 //! refused), 2 bad usage or configuration, 3 NATS unreachable or no answer in time.
 
+/// `println!` for the CLI's output: when the reader has gone (`mnistflow events
+/// | head`), stop quietly with exit code 0 instead of panicking on the broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            tracing::warn!(error = %e, "Writing to standard output failed.");
+        }
+    }};
+}
+
 pub mod commands;
 pub mod up;
 
@@ -151,7 +165,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Ok(exit) => exit.into(),
         Err(e) => {
             if cli.json {
-                println!("{}", serde_json::json!({"error": format!("{:#}", e.error), "exit": e.exit as u8}));
+                outln!("{}", serde_json::json!({"error": format!("{:#}", e.error), "exit": e.exit as u8}));
             } else {
                 eprintln!("error: {:#}", e.error);
             }

@@ -224,3 +224,21 @@ async fn predict_models_train_download_and_events_against_running_stages() {
     assert_eq!(events.last().unwrap()["payload"]["reason"], "marker");
     shutdown.cancel();
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    let store = tempfile::tempdir().unwrap();
+    // `mnistflow models list | head -0`: the pipe's reading end is already closed.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_mnistflow"))
+        .args(["models", "list"])
+        .env_remove("NATS_URL")
+        .env("STORE_URL", store.path())
+        .stdout(writer)
+        .output()
+        .expect("run mnistflow");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
