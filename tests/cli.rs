@@ -4,7 +4,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use mnistflow_integration::{MirrorServer, NatsServer, mnist_dir};
+use mnistflow_integration::{MirrorServer, NatsServer, free_port, mnist_dir};
 use mnistflow_nats::{Bus, DatasetFailed, EventId, NatsConfig};
 use mnistflow_store::Store;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +52,7 @@ fn usage_and_configuration_errors_exit_2_naming_the_variable() {
 
 #[test]
 fn an_unreachable_nats_exits_3_quickly_with_a_json_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let started = std::time::Instant::now();
     let out = mnistflow(&[("NATS_URL", &url), ("NATS_CONNECT_TIMEOUT_SECS", "1")], &["--json", "events"]);
@@ -253,10 +253,6 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     s.read_to_string(&mut text).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One `mnistflow up` on `home`: waits until inference serves a model and the

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use mnistflow_downloader::verify::{FILES, KNOWN_SHA256, dataset_id};
 use mnistflow_downloader::{Config, DownloadError, Downloader, Metrics};
-use mnistflow_integration::{Fault, MirrorServer, NatsServer, mnist_dir, wait_until};
+use mnistflow_integration::{Fault, MirrorServer, NatsServer, free_port, mnist_dir, wait_until};
 use mnistflow_nats::async_nats::Subscriber;
 use mnistflow_nats::{Bus, DatasetFailed, DatasetReady, TrainRequest};
 use mnistflow_store::{Store, idx};
@@ -315,10 +315,6 @@ async fn a_file_mirror_serves_as_well_as_http() {
     assert!(ready.source.starts_with("file:///"), "{}", ready.source);
     assert_eq!(ready.dataset_id, dataset_id(&KNOWN_SHA256));
     assert!(world.store().dataset(&ready.dataset_id).await.unwrap().is_some());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

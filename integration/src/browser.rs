@@ -4,7 +4,6 @@
 //! profile, records CSP violations from the first moment of every document, and
 //! kills both on drop. Screenshots go to `target/screenshots/`.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -42,10 +41,6 @@ pub struct Browser {
     _profile: tempfile::TempDir,
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Drop for Browser {
     fn drop(&mut self) {
         // chromedriver leads its own process group: end it and the browsers it started.
@@ -62,7 +57,7 @@ document.addEventListener('securitypolicyviolation', (e) => window.__cspViolatio
 
 impl Browser {
     pub async fn start() -> Self {
-        let port = free_port();
+        let port = crate::free_port();
         let driver = Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

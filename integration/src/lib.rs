@@ -8,6 +8,7 @@
 //!   bodies, slow bodies) and honours `Range` requests.
 //! - [`mnist_dir`]: the real MNIST files (`../shared/mnist`, or `MNIST_DIR`).
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+//! - [`free_port`]: a loopback port nothing listens on.
 //! - [`browser`]: headless Chromium over WebDriver for the page's tests.
 
 pub mod browser;
@@ -27,6 +28,12 @@ pub const MNIST_FILES: [&str; 4] = [
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 ];
+
+/// A loopback port that nothing listens on right now (bound, read, closed):
+/// for a server a test starts, or for a client to find nobody there.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local address").port()
+}
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -226,7 +226,7 @@ async fn undecodable_messages_are_reported_not_fatal() {
 #[tokio::test]
 async fn an_unreachable_server_is_retried_with_backoff_then_fails_naming_nats_url() {
     // A port nobody listens on: bind, read the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = mnistflow_integration::free_port();
     let mut config = NatsConfig::for_url(&format!("nats://127.0.0.1:{port}")).unwrap();
     config.connect_timeout = Duration::from_millis(1500);
     let started = std::time::Instant::now();
@@ -241,7 +241,7 @@ async fn an_unreachable_server_is_retried_with_backoff_then_fails_naming_nats_ur
 
 #[tokio::test]
 async fn a_server_that_comes_up_late_is_reached_by_the_retry_loop() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = mnistflow_integration::free_port();
     let config = NatsConfig::for_url(&format!("nats://127.0.0.1:{port}")).unwrap();
     let connecting = tokio::spawn(async move { Bus::connect(&config, &CancellationToken::new()).await });
     tokio::time::sleep(Duration::from_millis(700)).await;
