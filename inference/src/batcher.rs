@@ -1,8 +1,8 @@
 //! The micro-batcher behind both APIs: a bounded queue into one dedicated compute
 //! thread that collects up to `max_batch` requests (waiting at most `max_wait`
 //! after the first while requests come concurrently; after a batch of one, a
-//! request runs as soon as it arrives), runs one forward pass on the model served at that moment, and
-//! answers each request through its oneshot channel.
+//! request runs as soon as it arrives), runs one forward pass on the model
+//! served at that moment, and answers each request through its oneshot channel.
 //!
 //! The queue is bounded: when it is full a request is refused at once
 //! ([`PredictFailure::QueueFull`]: HTTP 503 with `Retry-After`, a NATS error reply)
@@ -144,8 +144,7 @@ impl Worker {
         }
         let mut jobs: Vec<Job> = Vec::with_capacity(self.config.max_batch);
         let mut input: Vec<f32> = Vec::with_capacity(self.config.max_batch * PIXELS);
-        // Waiting for a batch to fill only pays when requests come concurrently:
-        // after a batch of one, the next request runs as soon as it arrives.
+        // Waiting for a batch to fill pays only when requests come concurrently.
         let mut wait = true;
         while self.collect(&mut jobs, wait) {
             let n = jobs.len();

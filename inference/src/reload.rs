@@ -14,11 +14,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mnistflow_store::ModelMetadata;
-use tokio::sync::oneshot;
-
 use mnistflow_nats::{Bus, InferenceLoaded, ModelPublished, ModelVersion, Received};
-use mnistflow_store::{Store, StoreError};
+use mnistflow_store::{ModelMetadata, Store, StoreError};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 

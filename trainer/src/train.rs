@@ -5,7 +5,7 @@
 //! the loop does no per-batch work beyond what the network needs: the data set
 //! is decoded once, each batch is one `index_select` of a per-epoch
 //! permutation; the loss is accumulated on the device and read only when
-//! progress is reported; evaluation runs without autograd in batches of 1,000.
+//! progress is reported; evaluation runs without autograd in batches of 250.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
