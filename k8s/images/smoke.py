@@ -189,7 +189,7 @@ def main() -> int:
                         f"http://127.0.0.1:{web_metrics_port}/metrics", 200, 10):
                     step("web answers /healthz, and /metrics on its own port", t)
                 else:
-                    fail(f"web never answered /healthz\n{logs(started['web'])}")
+                    fail(f"web never answered /healthz and /metrics on its own port\n{logs(started['web'])}")
             if "inference" in stages:
                 t = time.monotonic()
                 started["inference"] = start(

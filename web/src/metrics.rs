@@ -149,19 +149,11 @@ impl Fairing for HttpMetrics {
     }
 }
 
-#[derive(rocket::Responder)]
-struct MetricsText {
-    body: String,
-    content_type: ContentType,
-}
-
 #[get("/metrics")]
-fn metrics(metrics: &State<Arc<Metrics>>) -> MetricsText {
-    MetricsText {
-        body: metrics.encode(),
-        content_type: ContentType::new("application", "openmetrics-text")
-            .with_params([("version", "1.0.0"), ("charset", "utf-8")]),
-    }
+fn metrics(metrics: &State<Arc<Metrics>>) -> (ContentType, String) {
+    let ct =
+        ContentType::new("application", "openmetrics-text").with_params([("version", "1.0.0"), ("charset", "utf-8")]);
+    (ct, metrics.encode())
 }
 
 /// The metrics listener's routes; its Rocket manages an `Arc<Metrics>`.
