@@ -9,6 +9,7 @@
 //! | `INFERENCE_MAX_WAIT_MS` | how long the batcher waits to fill a batch after the first request | `2` |
 //! | `INFERENCE_QUEUE_CAPACITY` | requests waiting for the compute thread before 503 | `1024` |
 //! | `INFERENCE_TORCH_THREADS` | libtorch intra-op threads (0: libtorch's default) | `0` |
+//! | `INFERENCE_PRECISION` | `f32`, `bf16` (CPU autocast: convolutions and linear layers in bfloat16) or `auto` (`bf16` where the CPU has AMX or AVX-512 BF16) | `auto` |
 //! | `INFERENCE_MAX_BODY_BYTES` | largest accepted upload (HTTP 413) | `10485760` (10 MiB) |
 //! | `INFERENCE_MAX_PIXELS` | largest decoded image, width × height (HTTP 422) | `40000000` |
 //! | `INFERENCE_MAX_DIMENSION` | largest width or height (HTTP 422) | `20000` |
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use mnistflow_nats::config::{flag, var, var_or};
 use mnistflow_nats::{ConfigError, ModelVersion, NatsConfig};
+use mnistflow_torch::Precision;
 
 /// Limits applied to every upload, HTTP and NATS alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,8 @@ pub struct Config {
     pub workers: usize,
     pub batch: BatchConfig,
     pub limits: Limits,
+    /// The number format of the forward pass, resolved (never `Auto`).
+    pub precision: Precision,
     pub request_timeout: Duration,
     pub pinned_version: Option<ModelVersion>,
     pub poll: Duration,
@@ -152,6 +156,7 @@ impl Config {
             workers: positive("INFERENCE_WORKERS", var_or(&lookup, "INFERENCE_WORKERS", cpus as u64)?)? as usize,
             batch,
             limits,
+            precision: var_or(&lookup, "INFERENCE_PRECISION", Precision::Auto)?.resolve(tch::Device::Cpu),
             request_timeout: Duration::from_millis(positive(
                 "INFERENCE_REQUEST_TIMEOUT_MS",
                 var_or(&lookup, "INFERENCE_REQUEST_TIMEOUT_MS", 10_000)?,
@@ -181,6 +186,7 @@ mod tests {
         assert_eq!(c.limits, Limits::default());
         assert!(c.pinned_version.is_none());
         assert!(c.promoter);
+        assert_eq!(c.precision, Precision::Auto.resolve(tch::Device::Cpu), "auto, resolved");
     }
 
     #[test]
@@ -192,8 +198,10 @@ mod tests {
             ("INFERENCE_MODEL_VERSION", "20261130-050000-abcdef"),
             ("INFERENCE_INSTANCE", "pod-1"),
             ("INFERENCE_PROMOTER", "false"),
+            ("INFERENCE_PRECISION", "f32"),
         ]))
         .unwrap();
+        assert_eq!(c.precision, Precision::F32);
         assert_eq!(c.port, 0);
         assert_eq!(c.batch.max_batch, 8);
         assert_eq!(c.batch.max_wait, Duration::from_millis(5));
@@ -212,6 +220,7 @@ mod tests {
             ("INFERENCE_MODEL_VERSION", "../etc"),
             ("INFERENCE_DRAIN_SECS", "0"),
             ("INFERENCE_ADDRESS", "localhost:80"),
+            ("INFERENCE_PRECISION", "f8"),
         ] {
             let pairs: &'static [(&'static str, &'static str)] = Box::leak(Box::new([(name, value)]));
             let err = Config::from_lookup(env(pairs)).unwrap_err();

@@ -93,6 +93,7 @@ impl App {
             instance: config.instance.clone(),
             pinned: config.pinned_version.clone(),
             poll: config.poll,
+            precision: config.precision,
         };
         tracker.spawn(reloader.run(shutdown.clone()));
         if config.promoter {
@@ -141,7 +142,13 @@ impl App {
             }
         };
         let http_addr = SocketAddr::new(config.address, port);
-        info!(%http_addr, instance = %config.instance, pinned = ?config.pinned_version, "Inference serving.");
+        info!(
+            %http_addr,
+            instance = %config.instance,
+            pinned = ?config.pinned_version,
+            precision = %config.precision,
+            "Inference serving."
+        );
         Ok(Self { http_addr, service, server, nats, tracker, compute, config, shutdown })
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mnistflow_nats::ModelVersion;
 use mnistflow_store::ModelMetadata;
+use mnistflow_torch::{CpuAutocast, Precision};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::preprocess::{PIXELS, SIDE};
@@ -33,6 +34,8 @@ pub enum ModelError {
 #[derive(Debug)]
 pub struct Model {
     module: CModule,
+    /// `Bf16`: every forward pass runs under CPU autocast.
+    precision: Precision,
     pub version: ModelVersion,
     pub metadata: Option<ModelMetadata>,
     /// How long loading and warming up took.
@@ -40,17 +43,24 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a module from bytes and runs the warm-up checks: an output of shape
+    /// Loads a module from bytes and runs the warm-up checks, in `precision`
+    /// (`F32` or `Bf16`; `Auto` is resolved for the CPU): an output of shape
     /// `[N, 10]` whose exponentials sum to 1 per row.
     ///
     /// # Errors
     /// Not TorchScript, the forward pass fails, or the output breaks the contract.
-    pub fn load(bytes: &[u8], version: ModelVersion, metadata: Option<ModelMetadata>) -> Result<Self, ModelError> {
+    pub fn load(
+        bytes: &[u8],
+        version: ModelVersion,
+        metadata: Option<ModelMetadata>,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         let started = Instant::now();
         let mut module = CModule::load_data_on_device(&mut Cursor::new(bytes), Device::Cpu)
             .map_err(|e| ModelError::Load(e.to_string()))?;
         module.f_set_eval().map_err(|e| ModelError::Load(e.to_string()))?;
-        let mut model = Self { module, version, metadata, load_time: Duration::ZERO };
+        let precision = precision.resolve(Device::Cpu);
+        let mut model = Self { module, precision, version, metadata, load_time: Duration::ZERO };
         // Warm-up: also allocates libtorch's kernels and buffers before the first request.
         for n in [1usize, 3] {
             let input: Vec<f32> = (0..n * PIXELS).map(|i| (i % 7) as f32 / 7.0).collect();
@@ -68,8 +78,13 @@ impl Model {
         Ok(model)
     }
 
+    /// The number format of its forward passes.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// Runs one forward pass over `n` images (`input.len() == n * 784`) and returns
-    /// `n * 10` log-probabilities.
+    /// `n * 10` float log-probabilities.
     ///
     /// # Errors
     /// libtorch fails, or the output is not `[n, 10]`.
@@ -78,6 +93,7 @@ impl Model {
             return Err(ModelError::Forward(format!("{} values for {n} images", input.len())));
         }
         let _guard = tch::no_grad_guard();
+        let _autocast = (self.precision == Precision::Bf16).then(CpuAutocast::bf16);
         let f = |e: tch::TchError| ModelError::Forward(e.to_string());
         let x = Tensor::from_slice(input).f_view([n as i64, 1, SIDE as i64, SIDE as i64]).map_err(f)?;
         let out = self.module.forward_ts(&[x]).map_err(f)?;

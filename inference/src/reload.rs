@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mnistflow_nats::{Bus, InferenceLoaded, ModelPublished, ModelVersion, Received};
 use mnistflow_store::{ModelMetadata, Store, StoreError};
+use mnistflow_torch::Precision;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -36,13 +37,13 @@ struct Loader {
 }
 
 impl Loader {
-    fn spawn() -> std::io::Result<Self> {
+    fn spawn(precision: Precision) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<LoaderJob>();
         std::thread::Builder::new().name("inference-loader".into()).spawn(move || {
             for job in rx {
                 match job {
                     LoaderJob::Load(bytes, version, metadata, reply) => {
-                        let _ = reply.send(Model::load(&bytes, version, Some(*metadata)));
+                        let _ = reply.send(Model::load(&bytes, version, Some(*metadata), precision));
                     }
                     LoaderJob::Drop(model) => drop(model),
                 }
@@ -78,6 +79,8 @@ pub struct Reloader {
     pub instance: String,
     pub pinned: Option<ModelVersion>,
     pub poll: Duration,
+    /// The number format models are loaded to run in.
+    pub precision: Precision,
 }
 
 /// The outcome of one attempt, for the bookkeeping of [`Reloader::run`].
@@ -92,7 +95,7 @@ enum Attempt {
 impl Reloader {
     /// Runs until `shutdown`. Loads the wanted version at once, then on every change.
     pub async fn run(self, shutdown: CancellationToken) {
-        let loader = match Loader::spawn() {
+        let loader = match Loader::spawn(self.precision) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "Cannot start the model loader thread; no model will be loaded.");

@@ -15,6 +15,7 @@ use mnistflow_inference::config::Limits;
 use mnistflow_inference::model::Model;
 use mnistflow_inference::preprocess::{self, PIXELS, Pixels};
 use mnistflow_nats::ModelVersion;
+use mnistflow_torch::Precision;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -150,12 +151,14 @@ fn accuracy(model: &Model, inputs: &[Pixels], labels: &[u8]) -> f64 {
 }
 
 #[test]
-fn preprocessing_keeps_every_upload_category_at_or_above_97_percent() {
-    let model = Model::load(trained_model(), ModelVersion::from("fixture"), None).unwrap();
+fn preprocessing_keeps_every_upload_category_at_or_above_97_percent_in_f32_and_bf16() {
+    let f32_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::F32).unwrap();
+    let bf16_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::Bf16).unwrap();
     let limits = Limits::default();
     let indices: Vec<usize> = (0..PER_CATEGORY).map(|k| k * (10_000 / PER_CATEGORY)).collect();
     let labels: Vec<u8> = indices.iter().map(|&i| label(i)).collect();
-    let mut report = String::from("| upload | naive resize | preprocessed |\n|---|---|---|\n");
+    let mut report =
+        String::from("| upload | naive resize | preprocessed, f32 | preprocessed, bf16 |\n|---|---|---|---|\n");
     let mut failures = Vec::new();
     for (name, make) in categories() {
         let started = std::time::Instant::now();
@@ -166,19 +169,58 @@ fn preprocessing_keeps_every_upload_category_at_or_above_97_percent() {
             .map(|u| preprocess::prepare(u, &limits, false).unwrap_or_else(|e| panic!("{name}: {e}")))
             .collect();
         let baseline: Vec<Pixels> = uploads.iter().map(|u| naive(u)).collect();
-        let ours = accuracy(&model, &prepared, &labels);
-        let base = accuracy(&model, &baseline, &labels);
+        let base = accuracy(&f32_model, &baseline, &labels);
+        let ours = accuracy(&f32_model, &prepared, &labels);
+        let ours_bf16 = accuracy(&bf16_model, &prepared, &labels);
         eprintln!(
-            "{name}: preprocessed {:.1} %, naive {:.1} % ({:.1?})",
+            "{name}: preprocessed {:.1} % (bf16 {:.1} %), naive {:.1} % ({:.1?})",
             ours * 100.0,
+            ours_bf16 * 100.0,
             base * 100.0,
             started.elapsed()
         );
-        report.push_str(&format!("| {name} | {:.1} % | {:.1} % |\n", base * 100.0, ours * 100.0));
-        if ours < FLOOR {
-            failures.push(format!("{name}: {:.1} %", ours * 100.0));
+        report.push_str(&format!(
+            "| {name} | {:.1} % | {:.1} % | {:.1} % |\n",
+            base * 100.0,
+            ours * 100.0,
+            ours_bf16 * 100.0
+        ));
+        for (precision, value) in [("f32", ours), ("bf16", ours_bf16)] {
+            if value < FLOOR {
+                failures.push(format!("{name} in {precision}: {:.1} %", value * 100.0));
+            }
         }
     }
     eprintln!("\n{report}");
     assert!(failures.is_empty(), "below {:.0} %: {failures:?}", FLOOR * 100.0);
+}
+
+/// bf16 autocast (the default on CPUs with AMX or AVX-512 BF16) must not change
+/// the answers: the same digit as float on all but a handful of the 10,000 MNIST
+/// test digits, and probabilities within a few hundredths.
+#[test]
+fn bf16_answers_as_float_does_on_the_mnist_test_set() {
+    let f32_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::F32).unwrap();
+    let bf16_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::Bf16).unwrap();
+    assert_eq!(bf16_model.precision(), Precision::Bf16);
+    let (images, _) = common::mnist_test();
+    let (mut differ, mut worst, mut n) = (0, 0f32, 0);
+    for chunk in images.chunks(64 * PIXELS) {
+        let batch = chunk.len() / PIXELS;
+        let input: Vec<f32> = chunk.iter().map(|&v| f32::from(v) / 255.0).collect();
+        let a = f32_model.forward(&input, batch).unwrap();
+        let b = bf16_model.forward(&input, batch).unwrap();
+        for (ra, rb) in a.chunks(10).zip(b.chunks(10)) {
+            let argmax = |r: &[f32]| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+            differ += usize::from(argmax(ra) != argmax(rb));
+            for (x, y) in ra.iter().zip(rb) {
+                worst = worst.max((x.exp() - y.exp()).abs());
+            }
+        }
+        n += batch;
+    }
+    eprintln!("bf16 vs f32 on {n} digits: {differ} different answers, largest probability difference {worst:.4}");
+    assert_eq!(n, 10_000);
+    assert!(differ <= 10, "{differ} of {n} answers changed in bf16");
+    assert!(worst < 0.1, "a probability moved by {worst} in bf16");
 }

@@ -57,54 +57,10 @@ impl fmt::Display for OptimizerKind {
 }
 
 /// The number format of the training step's convolutions and matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Float throughout.
-    F32,
-    /// bfloat16 mixed precision (as PyTorch's autocast): convolutions and linear
-    /// layers in bf16 on float master weights, loss and optimizer in float. Uses
-    /// AMX / AVX-512 BF16 where the CPU has them. Evaluation and export stay float.
-    Bf16,
-    /// `bf16` on a CPU with native bfloat16 arithmetic (AMX or AVX-512 BF16), where
-    /// it trains ~1.4x faster to the same accuracy; `f32` anywhere else (emulated
-    /// bf16 would be slower).
-    Auto,
-}
-
-impl Precision {
-    /// The precision to train in on `device`.
-    pub fn resolve(self, device: tch::Device) -> Self {
-        match self {
-            Self::Auto if device == tch::Device::Cpu && cpu_has_native_bf16() => Self::Bf16,
-            Self::Auto => Self::F32,
-            other => other,
-        }
-    }
-}
-
-/// Whether the CPU does bfloat16 arithmetic natively (Linux: `/proc/cpuinfo` flags).
-pub fn cpu_has_native_bf16() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|info| info.lines().find(|l| l.starts_with("flags")).map(str::to_owned))
-            .is_some_and(|flags| flags.split_whitespace().any(|f| f == "amx_bf16" || f == "avx512_bf16"))
-    })
-}
-
-impl FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" | "float" | "fp32" => Ok(Self::F32),
-            "bf16" | "bfloat16" => Ok(Self::Bf16),
-            "auto" => Ok(Self::Auto),
-            other => Err(format!("unknown precision {other:?} (use f32, bf16 or auto)")),
-        }
-    }
-}
+/// `bf16` trains on float master weights (loss and optimizer in float); `auto`
+/// picks it on CPUs with native bf16, where it trains ~1.4x faster to the same
+/// accuracy. Evaluation and export stay float.
+pub use mnistflow_torch::{Precision, cpu_has_native_bf16};
 
 /// How the learning rate changes over a run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
