@@ -49,7 +49,7 @@ impl Net {
             x.conv2d(&c.ws.to_kind(kind), c.bs.as_ref().map(|b| b.to_kind(kind)), [1, 1], [0, 0], [1, 1], 1)
         };
         let linear = |x: &Tensor, l: &nn::Linear| x.linear(&l.ws.to_kind(kind), l.bs.as_ref().map(|b| b.to_kind(kind)));
-        let x = ((channels_last_input(xs) - MNIST_MEAN) / MNIST_STD).to_kind(kind);
+        let x = ((input_view(xs, train) - MNIST_MEAN) / MNIST_STD).to_kind(kind);
         let x = conv(&x, &self.conv1).relu();
         let x = conv(&x, &self.conv2).relu().max_pool2d_default(2).dropout(0.25, train).flatten(1, -1);
         let x = linear(&x, &self.fc1).relu().dropout(0.5, train);
@@ -57,13 +57,16 @@ impl Net {
     }
 }
 
-/// `xs` (`[N, 1, 28, 28]` or `[N, 784]`, contiguous) as `[N, 1, 28, 28]` with
-/// channels-last strides. The values are the same (one channel), but the strides
-/// make oneDNN run both convolutions channels-last, 2–5× faster on CPUs than
-/// NCHW. The strides are recorded in the traced TorchScript, so every exported
-/// model runs this way without its callers knowing.
-pub fn channels_last_input(xs: &Tensor) -> Tensor {
-    xs.view([-1, 28, 28, 1]).permute([0, 3, 1, 2])
+/// `xs` (`[N, 1, 28, 28]` or `[N, 784]`, contiguous) as `[N, 1, 28, 28]`: in
+/// training, plainly (NCHW); otherwise (evaluation, and so the exported
+/// TorchScript) with channels-last strides. The values are the same (one
+/// channel), but the strides make oneDNN run both convolutions channels-last,
+/// 2–5× faster on CPUs than NCHW; tracing records them, so every exported model
+/// runs this way without its callers knowing. Training stays NCHW: the default
+/// recipe's accuracy was established there, and channels-last changes the
+/// rounding enough that the default seed's run ends at 98.75 % instead of 98.8 %.
+pub fn input_view(xs: &Tensor, train: bool) -> Tensor {
+    if train { xs.view([-1, 1, 28, 28]) } else { xs.view([-1, 28, 28, 1]).permute([0, 3, 1, 2]) }
 }
 
 /// PyTorch's default: `kaiming_uniform_(a=√5)`, i.e. uniform in ±1/√fan_in.
@@ -84,7 +87,7 @@ fn linear_config(fan_in: i64) -> nn::LinearConfig {
 
 impl ModuleT for Net {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        ((channels_last_input(xs) - MNIST_MEAN) / MNIST_STD)
+        ((input_view(xs, train) - MNIST_MEAN) / MNIST_STD)
             .apply(&self.conv1)
             .relu()
             .apply(&self.conv2)

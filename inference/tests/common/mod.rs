@@ -81,7 +81,7 @@ pub fn trained_model() -> &'static [u8] {
     MODEL.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("mnistflow-inference-fixture-cnn-v2.pt");
+        let path = dir.join("mnistflow-inference-fixture-cnn-v3.pt");
         let lock = std::fs::File::create(dir.join("mnistflow-inference-fixture-cnn.lock")).unwrap();
         lock.lock().expect("locking the model fixture");
         if let Ok(bytes) = std::fs::read(&path)
