@@ -22,7 +22,7 @@ use tracing::{error, info};
 
 use crate::config::BatchConfig;
 use crate::metrics::Metrics;
-use crate::model::{CLASSES, ModelSlot};
+use crate::model::{CLASSES, ModelSlot, most_likely};
 use crate::preprocess::{PIXELS, Pixels};
 
 /// One classification.
@@ -208,8 +208,7 @@ impl Worker {
             Ok(out) => {
                 for (job, row) in jobs.drain(..).zip(out.chunks(CLASSES)) {
                     let probabilities: Vec<f32> = row.iter().map(|v| v.exp()).collect();
-                    let digit =
-                        probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u8);
+                    let digit = most_likely(&probabilities);
                     self.metrics.prediction(digit);
                     let _ = job.reply.send(Ok(Answer { digit, probabilities, version: model.version.clone() }));
                 }

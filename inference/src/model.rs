@@ -105,6 +105,12 @@ impl Model {
     }
 }
 
+/// The most likely class of one output row (log-probabilities or probabilities:
+/// the order is the same); 0 for an empty row.
+pub fn most_likely(row: &[f32]) -> u8 {
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u8)
+}
+
 /// The model being served, swapped atomically: the compute thread takes one
 /// `Arc` per batch, so a batch in flight finishes on the model it started with and
 /// the old model is freed when its last batch ends.

@@ -12,7 +12,7 @@ use common::{digit, encode, label, trained_model};
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, GrayImage, ImageFormat, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use mnistflow_inference::config::Limits;
-use mnistflow_inference::model::Model;
+use mnistflow_inference::model::{Model, most_likely};
 use mnistflow_inference::preprocess::{self, PIXELS, Pixels};
 use mnistflow_nats::ModelVersion;
 use mnistflow_torch::Precision;
@@ -137,14 +137,18 @@ fn naive(bytes: &[u8]) -> Pixels {
     out
 }
 
+/// The default model, loaded to run in `precision`.
+fn fixture(precision: Precision) -> Model {
+    Model::load(trained_model(), ModelVersion::from("fixture"), None, precision).unwrap()
+}
+
 fn accuracy(model: &Model, inputs: &[Pixels], labels: &[u8]) -> f64 {
     let mut correct = 0;
     for (chunk, labels) in inputs.chunks(64).zip(labels.chunks(64)) {
         let flat: Vec<f32> = chunk.iter().flat_map(|p| p.iter().copied()).collect();
         let out = model.forward(&flat, chunk.len()).unwrap();
         for (row, &want) in out.chunks(10).zip(labels) {
-            let got = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-            correct += usize::from(got == usize::from(want));
+            correct += usize::from(most_likely(row) == want);
         }
     }
     correct as f64 / labels.len() as f64
@@ -152,8 +156,7 @@ fn accuracy(model: &Model, inputs: &[Pixels], labels: &[u8]) -> f64 {
 
 #[test]
 fn preprocessing_keeps_every_upload_category_at_or_above_97_percent_in_f32_and_bf16() {
-    let f32_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::F32).unwrap();
-    let bf16_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::Bf16).unwrap();
+    let (f32_model, bf16_model) = (fixture(Precision::F32), fixture(Precision::Bf16));
     let limits = Limits::default();
     let indices: Vec<usize> = (0..PER_CATEGORY).map(|k| k * (10_000 / PER_CATEGORY)).collect();
     let labels: Vec<u8> = indices.iter().map(|&i| label(i)).collect();
@@ -200,8 +203,7 @@ fn preprocessing_keeps_every_upload_category_at_or_above_97_percent_in_f32_and_b
 /// test digits, and probabilities within a few hundredths.
 #[test]
 fn bf16_answers_as_float_does_on_the_mnist_test_set() {
-    let f32_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::F32).unwrap();
-    let bf16_model = Model::load(trained_model(), ModelVersion::from("fixture"), None, Precision::Bf16).unwrap();
+    let (f32_model, bf16_model) = (fixture(Precision::F32), fixture(Precision::Bf16));
     assert_eq!(bf16_model.precision(), Precision::Bf16);
     let (images, _) = common::mnist_test();
     let (mut differ, mut worst, mut n) = (0, 0f32, 0);
@@ -211,8 +213,7 @@ fn bf16_answers_as_float_does_on_the_mnist_test_set() {
         let a = f32_model.forward(&input, batch).unwrap();
         let b = bf16_model.forward(&input, batch).unwrap();
         for (ra, rb) in a.chunks(10).zip(b.chunks(10)) {
-            let argmax = |r: &[f32]| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
-            differ += usize::from(argmax(ra) != argmax(rb));
+            differ += usize::from(most_likely(ra) != most_likely(rb));
             for (x, y) in ra.iter().zip(rb) {
                 worst = worst.max((x.exp() - y.exp()).abs());
             }
