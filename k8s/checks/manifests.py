@@ -21,7 +21,13 @@
              volume of a claim that exists in the overlay; gs:// and s3:// mount none
   flows      the NetworkPolicies, evaluated like a CNI would for pods labelled as
              the rendered templates are, allow each flow of DESIGN.md and deny a list
-             of flows that must not happen (web -> inference, trainer -> internet, ...)
+             of flows that must not happen (web -> inference, trainer -> internet, ...);
+             every pod's DNS path to each resolver a cluster may give it (the kube-dns
+             pods, Cloud DNS at 169.254.169.254, NodeLocal DNSCache at 169.254.20.10;
+             UDP and TCP 53) is required. It evaluates the policies as written: pod
+             addresses never match ipBlock peers here (a policy that admits pods by
+             IP range passes unnoticed), and rewriting by the dataplane before policy
+             (DNAT of link-local addresses to the node's) is not modelled
   run        (--run) each workload's real binary (target/debug) runs with exactly
              the environment its pod would get (ConfigMap + Secret + env), against
              that NATS server: only listen addresses, the store path, the mirror
@@ -564,15 +570,20 @@ def flows(rendered: dict[str, list[dict]]) -> None:
             "elsewhere": Endpoint("a pod in another namespace", "10.8.1.4", "default", {}),
             "internet": Endpoint("the internet", "151.101.1.1"),
             "private": Endpoint("a private address", "10.1.2.3"),
-            "metadata": Endpoint("the metadata server", "169.254.169.254"),
+            "metadata": Endpoint("the metadata server (169.254.169.254)", "169.254.169.254"),
+            "nodelocaldns": Endpoint("NodeLocal DNSCache (169.254.20.10)", "169.254.20.10"),
         }
+        # Cloud DNS for GKE answers on the metadata server's address.
+        resolvers = [ext["dns"], ext["metadata"], ext["nodelocaldns"]]
         bucket = bool(re.match(r"^(gs|s3)://", (config_map(docs, "mnistflow-config") or {}).get("data", {}).get("STORE_URL", "")))
         stages = [k for k in pods if k.split("-")[0] in ("downloader", "trainer", "inference", "web")]
         expect = []  # (src, dst, port, protocol, allowed?)
         for k in stages:
             expect.append((pods[k], pods["nats-statefulset"], 4222, "TCP", True))
-            expect.append((pods[k], ext["dns"], 53, "UDP", True))
             expect.append((pods[k], pods["nats-statefulset"], 8222, "TCP", False))
+            expect.append((pods[k], ext["metadata"], 80, "TCP", bucket and not k.startswith("web")))
+            expect.append((pods[k], ext["private"], 53, "UDP", False))
+            expect.append((pods[k], ext["internet"], 53, "UDP", False))
             online = k.startswith("downloader") or (bucket and not k.startswith("web"))
             expect.append((pods[k], ext["internet"], 443, "TCP", online))
             expect.append((pods[k], ext["private"], 443, "TCP", False))
@@ -582,7 +593,6 @@ def flows(rendered: dict[str, list[dict]]) -> None:
         for k in [k for k in stages if k.startswith("downloader")]:
             expect.append((pods[k], ext["internet"], 80, "TCP", True))
             expect.append((pods[k], ext["internet"], 22, "TCP", False))
-            expect.append((pods[k], ext["metadata"], 80, "TCP", bucket))
         expect += [
             (ext["internet"], pods["web-deployment"], 8080, "TCP", True),
             (ext["internet"], pods["inference-deployment"], 8080, "TCP", False),
@@ -600,8 +610,9 @@ def flows(rendered: dict[str, list[dict]]) -> None:
             (pods["other"], pods["nats-statefulset"], 4222, "TCP", False),
             (pods["other"], pods["inference-deployment"], 8080, "TCP", False),
             (pods["nats-statefulset"], ext["internet"], 443, "TCP", False),
-            (pods["nats-statefulset"], ext["dns"], 53, "UDP", True),
         ]
+        for k in stages + ["nats-statefulset"]:
+            expect += [(pods[k], r, 53, proto, True) for r in resolvers for proto in ("UDP", "TCP")]
         wrong = [(s, d, port, proto, want) for s, d, port, proto, want in expect
                  if allowed(policies, s, d, port, proto) != want]
         for s, d, port, proto, want in wrong:
