@@ -4,8 +4,15 @@
   render     every overlay (and the base) renders with `kubectl kustomize`
   schema     every built-in object passes `kubernetes-validate --strict` for each
              supported Kubernetes version, with no warning at all; the KEDA
-             objects pass KEDA's CRD schema (@kubernetes-models/keda), and the
-             ScaledJob's job template passes the strict batch/v1 Job schema
+             custom resources pass their CRD schemas from npm (@kubernetes-models:
+             KEDA, Prometheus Operator, Gateway API, GKE; a kind without one fails),
+             and the ScaledJob's job template passes the strict batch/v1 Job schema;
+             broken copies of the Gateway API and GKE objects must be rejected
+             (crd-validate.js --self-test)
+  gateway    where a Gateway serves the page: its routes and policies name objects
+             that exist (listeners, Services and ports, the health check's path on
+             the web pods), plain HTTP only redirects to HTTPS, and the web Service
+             is not a LoadBalancer (no clear-text way in)
   same-pod   the plain trainer Job (components/without-keda) runs the same pod
              as the ScaledJob's template, but for its longer request wait
   grace      each pod's terminationGracePeriodSeconds exceeds its preStop sleep
@@ -118,11 +125,11 @@ def config_map(docs: list[dict], name: str) -> dict | None:
                  and re.fullmatch(re.escape(name) + r"(-[a-z0-9]{10})?", d["metadata"]["name"])), None)
 
 
-CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "gateway.networking.k8s.io/", "networking.gke.io/")
 
 
 def is_custom(doc: dict) -> bool:
-    """A custom resource with a schema from npm (KEDA, Prometheus Operator)."""
+    """A custom resource with a schema from npm (KEDA, Prometheus Operator, Gateway API, GKE)."""
     return doc.get("apiVersion", "").startswith(CRD_GROUPS)
 
 
@@ -172,6 +179,17 @@ def schema(rendered: dict[str, list[dict]], out: Path) -> None:
         print(f"  {line}")
     if proc.returncode != 0:
         fail(f"CRD schemas: {proc.stderr.strip() or 'invalid objects'}")
+    # The schemas must reject what is wrong, not only accept what is right.
+    proc = subprocess.run(
+        ["node", str(K8S / "checks" / "crd-validate.js"), "--self-test", str(payload)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NODE_PATH": str(node_dir / "node_modules")},
+    )
+    for line in proc.stdout.splitlines():
+        print(f"  {line}")
+    if proc.returncode != 0:
+        fail(f"CRD schema self-test: {proc.stderr.strip() or 'a broken object was accepted'}")
 
 
 def same_pod() -> None:
@@ -484,6 +502,94 @@ def store(rendered: dict[str, list[dict]]) -> None:
         ok(f"stages reading STORE_URL ({', '.join(sorted(readers))}) get a writable store volume, or none with a bucket")
 
 
+def gateway(rendered: dict[str, list[dict]]) -> None:
+    """The Gateway API objects fit together as GKE would wire them (no API server here)."""
+    print("gateway", flush=True)
+    for name, docs in rendered.items():
+        gateways = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Gateway"}
+        if not gateways:
+            continue
+        problems: list[str] = []
+        services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+        routes = [d for d in docs if d["kind"] == "HTTPRoute"]
+        namespaces = {d["metadata"].get("namespace") for d in docs
+                      if d["apiVersion"].startswith(("gateway.networking.k8s.io/", "networking.gke.io/"))
+                      or d["kind"] == "Service"}
+        if len(namespaces) != 1 or None in namespaces:
+            problems.append(f"Services, Gateway API and GKE objects must share one namespace (found {sorted(map(str, namespaces))})")
+        for gw_name, gw in gateways.items():
+            annotations = gw["metadata"].get("annotations") or {}
+            listeners = {entry["name"]: entry for entry in gw["spec"].get("listeners", [])}
+            addresses = gw["spec"].get("addresses") or []
+            if not annotations.get("networking.gke.io/certmap"):
+                problems.append(f"Gateway/{gw_name}: no networking.gke.io/certmap annotation (the HTTPS listener would have no certificate)")
+            if any((entry.get("tls") or {}).get("certificateRefs") for entry in listeners.values()):
+                problems.append(f"Gateway/{gw_name}: tls.certificateRefs beside the certmap annotation (GKE refuses both)")
+            if [a.get("type") for a in addresses] != ["NamedAddress"]:
+                problems.append(f"Gateway/{gw_name}: expected one NamedAddress (the reserved static IP), found {addresses}")
+            if not any(entry["protocol"] == "HTTPS" and entry["port"] == 443 for entry in listeners.values()):
+                problems.append(f"Gateway/{gw_name}: no HTTPS listener on 443")
+        served = []
+        for route in routes:
+            what = f"HTTPRoute/{route['metadata']['name']}"
+            protocols = set()
+            for ref in route["spec"].get("parentRefs", []):
+                gw = gateways.get(ref.get("name"))
+                if not gw:
+                    problems.append(f"{what}: parentRef {ref.get('name')} is no Gateway here")
+                    continue
+                listeners = {entry["name"]: entry for entry in gw["spec"]["listeners"]}
+                section = ref.get("sectionName")
+                if section and section not in listeners:
+                    problems.append(f"{what}: Gateway/{ref['name']} has no listener {section}")
+                    continue
+                protocols |= {entry["protocol"] for n, entry in listeners.items() if section in (None, n)}
+            for i, rule in enumerate(route["spec"].get("rules", [])):
+                redirect = next((f.get("requestRedirect") or {} for f in rule.get("filters", [])
+                                 if f.get("type") == "RequestRedirect"), None)
+                if "HTTP" in protocols and (rule.get("backendRefs") or not redirect or redirect.get("scheme") != "https"):
+                    problems.append(f"{what}: rule {i} is attached to a plain HTTP listener but does not only redirect to https")
+                for ref in rule.get("backendRefs", []):
+                    service = services.get(ref["name"]) if ref.get("kind", "Service") == "Service" else None
+                    ports = [p["port"] for p in (service or {}).get("spec", {}).get("ports", [])]
+                    if ref.get("port") not in ports:
+                        problems.append(f"{what}: backendRef {ref['name']}:{ref.get('port')} is no Service port here ({ports})")
+                    else:
+                        served.append(ref["name"])
+        if "web" not in served:
+            problems.append("no HTTPRoute sends HTTPS requests to the web Service")
+        for svc in served:
+            if services[svc]["spec"].get("type", "ClusterIP") != "ClusterIP":
+                problems.append(f"Service/{svc} is type {services[svc]['spec']['type']}: a clear-text way around the Gateway")
+        pods = [(d, spec) for d, spec in pod_specs(docs)]
+        for policy in [d for d in docs if d["kind"] in ("HealthCheckPolicy", "GCPBackendPolicy")]:
+            what = f"{policy['kind']}/{policy['metadata']['name']}"
+            target = policy["spec"]["targetRef"]
+            service = services.get(target["name"]) if target.get("kind") == "Service" else None
+            if not service or service["metadata"]["name"] not in served:
+                problems.append(f"{what}: targetRef {target.get('kind')}/{target.get('name')} is no Service behind the Gateway")
+                continue
+            check = ((policy["spec"].get("default") or {}).get("config") or {}).get("httpHealthCheck")
+            if policy["kind"] == "HealthCheckPolicy":
+                # The pods behind the Service must answer the path: their liveness or readiness path.
+                paths = {((c.get(probe) or {}).get("httpGet") or {}).get("path")
+                         for d, spec in pods if d["kind"] == "Deployment"
+                         and selector_matches({"matchLabels": service["spec"]["selector"]}, d["spec"]["template"]["metadata"].get("labels", {}))
+                         for c in spec["containers"] for probe in ("livenessProbe", "readinessProbe")}
+                if not check or check.get("requestPath") not in paths - {None}:
+                    problems.append(f"{what}: health check path {(check or {}).get('requestPath')} is none of the pods' probe paths {sorted(paths - {None})}")
+                if check and check.get("portSpecification", "USE_FIXED_PORT") != "USE_SERVING_PORT" and not check.get("port"):
+                    problems.append(f"{what}: neither a port nor USE_SERVING_PORT")
+        for problem in problems:
+            fail(f"{name}: {problem}")
+        if not problems:
+            gw = next(iter(gateways.values()))
+            ok(f"{name}: Gateway/{gw['metadata']['name']} ({gw['spec']['gatewayClassName']}, "
+               f"address {gw['spec']['addresses'][0]['value']}, certmap {gw['metadata']['annotations']['networking.gke.io/certmap']}) "
+               f"serves Service {', '.join(sorted(set(served)))} over HTTPS only (HTTP redirects), "
+               f"health check on a probe path, Service ClusterIP")
+
+
 def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
     if selector is None:
         return False
@@ -593,8 +699,14 @@ def flows(rendered: dict[str, list[dict]]) -> None:
         for k in [k for k in stages if k.startswith("downloader")]:
             expect.append((pods[k], ext["internet"], 80, "TCP", True))
             expect.append((pods[k], ext["internet"], 22, "TCP", False))
+        # Google's load balancers reach the web pods directly (container-native load
+        # balancing) from these ranges; with a Gateway, nobody else may.
+        gateway = any(d["kind"] == "Gateway" for d in docs)
+        for lb in (Endpoint("Google's LB proxies (35.191.0.0/16)", "35.191.3.4"),
+                   Endpoint("Google's health checks (130.211.0.0/22)", "130.211.1.2")):
+            expect += [(lb, pods["web-deployment"], 8080, "TCP", True), (lb, pods["web-deployment"], 9102, "TCP", False)]
         expect += [
-            (ext["internet"], pods["web-deployment"], 8080, "TCP", True),
+            (ext["internet"], pods["web-deployment"], 8080, "TCP", not gateway),
             (ext["internet"], pods["inference-deployment"], 8080, "TCP", False),
             (ext["internet"], pods["nats-statefulset"], 4222, "TCP", False),
             (ext["keda"], pods["nats-statefulset"], 8222, "TCP", True),
@@ -792,6 +904,7 @@ def main() -> int:
         env(rendered)
         ports(rendered)
         store(rendered)
+        gateway(rendered)
         flows(rendered)
         if not NATS_BIN.exists():
             fail("nats-server missing: run scripts/setup")
