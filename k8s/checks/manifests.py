@@ -26,6 +26,15 @@
              tells the service to listen on; image tags match the workspace version
   store      every stage that reads STORE_URL gets the store: a path is a mounted
              volume of a claim that exists in the overlay; gs:// and s3:// mount none
+  store-permissions  on the GKE overlays every pod that mounts a claim uses a Filestore
+             class (whose CSI driver lets the kubelet apply fsGroup) and runs as a
+             non-root uid whose group is the pod's fsGroup, OnRootMismatch: the share
+             becomes group-writable at first mount, without a chown pod
+  autopilot  the gke-autopilot* overlays, alone and with components/spot-trainer, ask
+             for what Autopilot accepts unchanged: requests = limits for CPU, memory and
+             ephemeral storage, 250m CPU steps and 512Mi at least per pod, 1 to 6.5 GiB
+             per vCPU (not for GPU pods, which must select an accelerator), emptyDirs
+             within ephemeral storage, nothing privileged, hostPath or host namespace
   flows      the NetworkPolicies, evaluated like a CNI would for pods labelled as
              the rendered templates are, allow each flow of DESIGN.md and deny a list
              of flows that must not happen (web -> inference, trainer -> internet, ...);
@@ -590,6 +599,153 @@ def gateway(rendered: dict[str, list[dict]]) -> None:
                f"health check on a probe path, Service ClusterIP")
 
 
+# GKE's Filestore classes (filestore.csi.storage.gke.io). The driver declares
+# fsGroupPolicy: File (kubernetes-sigs/gcp-filestore-csi-driver, the CSIDriver of
+# its stable overlays; docs/kubernetes/fsgroup.md), so the kubelet applies a pod's
+# fsGroup to these ReadWriteMany volumes too.
+FILESTORE_CLASSES = {"standard-rwx", "premium-rwx", "enterprise-rwx", "zonal-rwx", "enterprise-multishare-rwx"}
+
+
+def store_permissions(rendered: dict[str, list[dict]]) -> None:
+    """On GKE the store's uid can write the Filestore share without a manual chown."""
+    print("store-permissions", flush=True)
+    problems = 0
+    for name, docs in rendered.items():
+        if not name.startswith("gke"):
+            continue
+        classes = {d["metadata"]["name"]: d["spec"].get("storageClassName")
+                   for d in docs if d["kind"] == "PersistentVolumeClaim"}
+        pods, before = 0, problems
+        for d, spec in pod_specs(docs):
+            claims = [v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v]
+            if not claims:
+                continue
+            pods += 1
+            what = f"{name}: {d['kind']}/{d['metadata']['name']}"
+            pod_sc = spec.get("securityContext") or {}
+            for claim in claims:
+                if classes.get(claim) not in FILESTORE_CLASSES:
+                    fail(f"{what}: claim {claim} has class {classes.get(claim)!r}, not a Filestore class known to apply fsGroup")
+                    problems += 1
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                sc = {**pod_sc, **(c.get("securityContext") or {})}
+                if pod_sc.get("fsGroup") is None or sc.get("runAsGroup") != pod_sc.get("fsGroup") \
+                        or pod_sc.get("fsGroupChangePolicy") != "OnRootMismatch" or sc.get("runAsUser") in (None, 0):
+                    fail(f"{what}: container {c['name']} needs runAsUser (not 0), runAsGroup == pod fsGroup and "
+                         f"fsGroupChangePolicy OnRootMismatch (has {sc.get('runAsUser')}/{sc.get('runAsGroup')}, "
+                         f"fsGroup {pod_sc.get('fsGroup')}, {pod_sc.get('fsGroupChangePolicy')})")
+                    problems += 1
+        if problems == before:
+            ok(f"{name}: " + (f"{pods} pods mounting a Filestore claim get its group through fsGroup (OnRootMismatch), as non-root"
+                              if pods else "no pod mounts a claim"))
+    if not any(n.startswith("gke") for n in rendered):
+        fail("no GKE overlay rendered")
+
+
+def quantity(text: str | int | float) -> float:
+    """A Kubernetes quantity as a number (CPU in cores, memory in bytes)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?", str(text))
+    if not m:
+        raise ValueError(text)
+    scale = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def autopilot_problems(spec: dict) -> list[str]:
+    """What GKE Autopilot would change or refuse in a pod spec (GKE docs: "Resource
+    requests in Autopilot", "Autopilot security capabilities"; the minimums are those
+    without Pod bursting, which keeps the overlay valid before GKE 1.30.2-gke.1394000)."""
+    found = []
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            found.append(f"{key} is set")
+    found += [f"volume {v['name']} is a hostPath" for v in spec.get("volumes", []) if "hostPath" in v]
+    total = {"cpu": 0.0, "memory": 0.0, "ephemeral-storage": 0.0}
+    gpu = False
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged") or sc.get("allowPrivilegeEscalation", True):
+            found.append(f"{c['name']}: privileged or privilege escalation allowed")
+        added = set((sc.get("capabilities") or {}).get("add", [])) - {"NET_BIND_SERVICE"}
+        if added:
+            found.append(f"{c['name']}: adds capabilities {sorted(added)}")
+        found += [f"{c['name']}: hostPort {p['hostPort']}" for p in c.get("ports", []) if p.get("hostPort")]
+        res = c.get("resources") or {}
+        requests, limits = res.get("requests") or {}, res.get("limits") or {}
+        for r in total:
+            if r not in requests:
+                found.append(f"{c['name']}: no {r} request")
+                continue
+            total[r] += quantity(requests[r])
+            if quantity(limits.get(r, -1)) != quantity(requests[r]):
+                found.append(f"{c['name']}: {r} limit {limits.get(r)} != request {requests[r]}")
+        if "nvidia.com/gpu" in limits or "nvidia.com/gpu" in requests:
+            gpu = True
+            if limits.get("nvidia.com/gpu") != requests.get("nvidia.com/gpu"):
+                found.append(f"{c['name']}: nvidia.com/gpu limit != request")
+    cpu, mem_gib, eph = total["cpu"], total["memory"] / 2**30, total["ephemeral-storage"]
+    if gpu:
+        if not (spec.get("nodeSelector") or {}).get("cloud.google.com/gke-accelerator"):
+            found.append("asks for nvidia.com/gpu without a cloud.google.com/gke-accelerator node selector")
+    else:
+        if cpu < 0.25 or round(cpu * 1000) % 250:
+            found.append(f"pod CPU {cpu:g} is not a multiple of 250m of at least 250m")
+        if mem_gib < 0.5:
+            found.append(f"pod memory {mem_gib:g} GiB is under 512Mi")
+        if cpu and not 1 <= mem_gib / cpu <= 6.5:
+            found.append(f"pod memory:CPU {mem_gib / cpu:.2f} GiB per vCPU is outside 1 to 6.5")
+        if cpu > 28 or mem_gib > 80:
+            found.append(f"pod asks for {cpu:g} CPU / {mem_gib:g} GiB, over the general-purpose maximum (28 / 80 GiB)")
+    if not 10 * 2**20 <= eph <= 10 * 2**30:
+        found.append(f"pod ephemeral storage {eph / 2**20:g}Mi outside 10Mi to 10Gi")
+    scratch = sum(quantity(v["emptyDir"].get("sizeLimit", 0)) for v in spec.get("volumes", []) if "emptyDir" in v)
+    if scratch > eph:
+        found.append(f"emptyDir sizeLimits ({scratch / 2**20:g}Mi) exceed the ephemeral storage request")
+    return found
+
+
+def autopilot(rendered: dict[str, list[dict]], out: Path) -> None:
+    """The gke-autopilot* overlays, and each with components/spot-trainer added."""
+    print("autopilot", flush=True)
+    names = [n for n in rendered if n.startswith("gke-autopilot")]
+    if not names:
+        fail("no gke-autopilot overlay rendered")
+    for name in names:
+        problems = [f"{d['kind']}/{d['metadata']['name']}: {p}"
+                    for d, spec in pod_specs(rendered[name]) for p in autopilot_problems(spec)]
+        for p in problems:
+            fail(f"{name}: {p}")
+        if not problems:
+            ok(f"{name}: {sum(1 for _ in pod_specs(rendered[name]))} pods within Autopilot's rules "
+               "(limits = requests incl. ephemeral storage, CPU in 250m steps, 1-6.5 GiB per vCPU, nothing privileged or on the host)")
+        # The same overlay with the trainer on Spot capacity (a temporary kustomization).
+        variant = out / f"{name}+spot-trainer"
+        variant.mkdir(exist_ok=True)
+        rel = os.path.relpath(K8S, variant)
+        (variant / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - {rel}/overlays/{name}\ncomponents:\n  - {rel}/components/spot-trainer\n")
+        proc = subprocess.run([tool("kubectl"), "kustomize", str(variant)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            fail(f"{name} + components/spot-trainer: kubectl kustomize: {proc.stderr.strip()}")
+            continue
+        plain = {d["metadata"]["name"]: spec for d, spec in pod_specs(rendered[name]) if d["kind"] == "ScaledJob"}
+        spot = {d["metadata"]["name"]: spec for d, spec in pod_specs([d for d in yaml.safe_load_all(proc.stdout) if d])
+                if d["kind"] == "ScaledJob"}
+        spec = spot.get("trainer", {})
+        selector, tolerations = spec.get("nodeSelector") or {}, spec.get("tolerations") or []
+        before = plain.get("trainer", {})
+        kept = all(selector.get(k) == v for k, v in (before.get("nodeSelector") or {}).items()) and \
+            all(t in tolerations for t in before.get("tolerations") or [])
+        spot_toleration = {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+        if selector.get("cloud.google.com/gke-spot") == "true" and spot_toleration in tolerations and kept \
+                and not autopilot_problems(spec):
+            ok(f"{name} + components/spot-trainer: the trainer selects Spot nodes and keeps its other selectors and tolerations")
+        else:
+            fail(f"{name} + components/spot-trainer: trainer nodeSelector {selector}, tolerations {tolerations}")
+
+
 def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
     if selector is None:
         return False
@@ -904,6 +1060,8 @@ def main() -> int:
         env(rendered)
         ports(rendered)
         store(rendered)
+        store_permissions(rendered)
+        autopilot(rendered, out)
         gateway(rendered)
         flows(rendered)
         if not NATS_BIN.exists():
