@@ -1048,6 +1048,23 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
             p.kill()
 
 
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "StorageClass",
+                  "PriorityClass", "PersistentVolume"}
+
+
+def namespaces(rendered: dict[str, list[dict]]) -> None:
+    """Every namespaced object lands in mnistflow: a component's object without a
+    namespace would go to kubectl's current one (a NetworkPolicy or PodMonitor
+    there governs nothing of ours)."""
+    print("namespaces", flush=True)
+    wrong = [(name, d) for name, docs in rendered.items() for d in docs
+             if d["kind"] not in CLUSTER_SCOPED and d["metadata"].get("namespace") != "mnistflow"]
+    for name, d in wrong:
+        fail(f"{name}: {d['kind']}/{d['metadata']['name']} is in namespace {d['metadata'].get('namespace')!r}, not mnistflow")
+    if not wrong:
+        ok(f"every namespaced object of {len(rendered)} renders is in mnistflow")
+
+
 def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out = Path(args[0] if args else tempfile.mkdtemp(prefix="mnistflow-k8s-"))
@@ -1055,6 +1072,7 @@ def main() -> int:
     rendered = render(out)
     if "base" in rendered:
         schema(rendered, out)
+        namespaces(rendered)
         same_pod()
         grace(rendered)
         env(rendered)
