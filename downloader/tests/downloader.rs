@@ -464,3 +464,43 @@ async fn wrong_bytes_on_one_mirror_fall_through_to_the_next_without_retrying_it(
     let text = downloader.metrics().encode();
     assert!(text.contains("downloader_failures_total{reason=\"checksum\"} 4"), "{text}");
 }
+
+/// The `nats-jetstream` trigger's metadata in `k8s/base/trainer.yaml` (a flat
+/// `key: value` block; read by line so the test needs no YAML parser).
+fn keda_trigger() -> HashMap<String, String> {
+    let path = mnistflow_integration::workspace_root().join("k8s/base/trainer.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let block = text.split("- type: nats-jetstream").nth(1).expect("a nats-jetstream trigger in trainer.yaml");
+    block
+        .lines()
+        .skip(2) // the rest of the `- type` line, then `metadata:`
+        .map_while(|line| line.trim_start().starts_with(|c: char| c.is_ascii_alphabetic() || c == '#').then_some(line))
+        .filter_map(|line| line.trim().split_once(": "))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_sees_the_queued_training_request_as_lag_after_only_the_downloader_ran() {
+    let world = World::new();
+    let mirror = MirrorServer::start(mnist_dir()).await;
+    let config = world.config(&[mirror.url()], &[("DOWNLOADER_MODE", "once")]);
+    let trigger = keda_trigger();
+    let [account, stream, consumer] = ["account", "stream", "consumer"].map(|k| trigger[k].clone());
+
+    // The downloader Job, as its pod runs it: set-up, download, announce, exit.
+    tokio::time::timeout(WAIT, mnistflow_downloader::main_with(config, CancellationToken::new()))
+        .await
+        .expect("the downloader did not finish")
+        .unwrap();
+
+    // No trainer has run: the scaler must still find the consumer and count the request.
+    let monitoring = world.nats.monitoring_url();
+    let query = (account.clone(), stream.clone(), consumer.clone());
+    let lag = tokio::task::spawn_blocking(move || {
+        mnistflow_integration::keda::jetstream_lag(&monitoring, &query.0, &query.1, &query.2)
+    })
+    .await
+    .unwrap();
+    assert_eq!(lag, Ok(1), "KEDA's query ({account}, {stream}, {consumer}) sees no queued train.request");
+}

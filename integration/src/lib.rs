@@ -10,8 +10,10 @@
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
 //! - [`free_port`]: a loopback port nothing listens on.
 //! - [`browser`]: headless Chromium over WebDriver for the page's tests.
+//! - [`keda`]: the query and the lag of KEDA's `nats-jetstream` scaler.
 
 pub mod browser;
+pub mod keda;
 mod mirror;
 mod nats_server;
 

@@ -10,6 +10,7 @@ pub struct NatsServer {
     child: Option<Child>,
     dir: TempDir,
     port: u16,
+    monitor_port: u16,
     extra_args: Vec<String>,
 }
 
@@ -43,7 +44,13 @@ impl NatsServer {
     /// When the server cannot be started.
     pub fn start_with_args(args: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("mnistflow-nats-").tempdir().expect("temp dir for nats-server");
-        let mut server = Self { child: None, dir, port: 0, extra_args: args.iter().map(|s| (*s).to_owned()).collect() };
+        let mut server = Self {
+            child: None,
+            dir,
+            port: 0,
+            monitor_port: 0,
+            extra_args: args.iter().map(|s| (*s).to_owned()).collect(),
+        };
         server.spawn(None);
         server
     }
@@ -54,7 +61,7 @@ impl NatsServer {
     /// When the server cannot be started.
     pub fn start_on_port(port: u16) -> Self {
         let dir = tempfile::Builder::new().prefix("mnistflow-nats-").tempdir().expect("temp dir for nats-server");
-        let mut server = Self { child: None, dir, port, extra_args: Vec::new() };
+        let mut server = Self { child: None, dir, port, monitor_port: 0, extra_args: Vec::new() };
         server.spawn(Some(port));
         server
     }
@@ -76,7 +83,13 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("cannot start {}: {e} (run scripts/setup)", nats_server_bin().display()));
         let pid = child.id();
         self.child = Some(child);
-        self.port = wait_for_port(&ports_dir.join(format!("nats-server_{pid}.ports")));
+        (self.port, self.monitor_port) = wait_for_ports(&ports_dir.join(format!("nats-server_{pid}.ports")));
+    }
+
+    /// The monitoring endpoint (`http://127.0.0.1:<port>`, a random port), where
+    /// KEDA's scaler and Prometheus read `/jsz` and `/varz`.
+    pub fn monitoring_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -113,15 +126,18 @@ impl NatsServer {
     }
 }
 
-fn wait_for_port(ports_file: &Path) -> u16 {
+/// The client and monitoring ports from the server's ports file.
+fn wait_for_ports(ports_file: &Path) -> (u16, u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
+    let port = |json: &serde_json::Value, key: &str| {
+        json[key][0].as_str().and_then(|url| url.rsplit(':').next()).and_then(|p| p.parse().ok())
+    };
     loop {
         if let Ok(text) = std::fs::read_to_string(ports_file)
             && let Ok(json) = serde_json::from_str::<serde_json::Value>(&text)
-            && let Some(url) = json["nats"][0].as_str()
-            && let Some(port) = url.rsplit(':').next().and_then(|p| p.parse().ok())
+            && let (Some(client), Some(monitor)) = (port(&json, "nats"), port(&json, "monitoring"))
         {
-            return port;
+            return (client, monitor);
         }
         assert!(Instant::now() < deadline, "nats-server did not write {} within 15 s", ports_file.display());
         std::thread::sleep(Duration::from_millis(10));

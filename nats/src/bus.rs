@@ -128,7 +128,9 @@ impl Bus {
         &self.subjects
     }
 
-    /// Creates or updates the streams (idempotent; every stage calls it at start-up).
+    /// Creates or updates the streams and creates every work-queue consumer that
+    /// is missing (idempotent; every stage calls it at start-up, so the trainer's
+    /// consumer exists, for KEDA to read its lag, before any trainer runs).
     ///
     /// # Errors
     /// JetStream is disabled on the server or refused the configuration.
@@ -172,27 +174,36 @@ impl Bus {
         Ok(TypedSubscriber { inner, _type: PhantomData })
     }
 
-    /// Binds to the durable work-queue consumer of command `M` (created if missing).
+    /// Binds to the durable work-queue consumer of command `M`. Set-up
+    /// ([`Bus::ensure_streams`]) creates it; if it is missing anyway it is created
+    /// here, and if its ack wait or delivery limit differ from `options` it is
+    /// updated to them (the consuming stage knows how often it signals progress).
     /// Deliveries come one at a time; each must be acked, nak'ed or terminated.
     ///
     /// # Errors
     /// `M` is not a work-queue command, or the stream is missing.
     pub async fn work_queue<M: Message>(&self, options: WorkQueueOptions) -> Result<WorkQueue<M>, BusError> {
-        let (role, durable) = match streams::route(M::SUBJECT) {
-            Some((role, Some(durable))) => (role, durable),
-            _ => return Err(BusError::Stream(format!("{} is not a work-queue command", M::SUBJECT))),
+        let Some(def) = streams::work_consumer(M::SUBJECT) else {
+            return Err(BusError::Stream(format!("{} is not a work-queue command", M::SUBJECT)));
         };
-        let name = self.subjects.stream_name(role);
+        let (durable, name) = (def.durable, self.subjects.stream_name(def.stream));
         let stream = self.js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
         let mut config = streams::work_consumer_config(&self.subjects, M::SUBJECT, durable, options.max_deliver);
         config.ack_wait = options.ack_wait;
-        let consumer: PullConsumer = match stream.get_consumer(durable).await {
-            Ok(c) => c,
-            Err(_) => stream
-                .create_consumer(config)
-                .await
-                .map_err(|e| BusError::Stream(format!("consumer {durable} on {name}: {e}")))?,
-        };
+        let fail = |e: &dyn std::fmt::Display| BusError::Stream(format!("consumer {durable} on {name}: {e}"));
+        let mut consumer: PullConsumer =
+            stream.get_or_create_consumer(durable, config.clone()).await.map_err(|e| fail(&e))?;
+        let current = &consumer.cached_info().config;
+        if current.ack_wait != options.ack_wait || current.max_deliver != options.max_deliver {
+            info!(
+                consumer = durable,
+                ack_wait_ms = options.ack_wait.as_millis() as u64,
+                max_deliver = options.max_deliver,
+                "Updating the work-queue consumer to this stage's settings."
+            );
+            stream.update_consumer(config).await.map_err(|e| fail(&e))?;
+            consumer = stream.get_consumer(durable).await.map_err(|e| fail(&e))?;
+        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(1)

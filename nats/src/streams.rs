@@ -1,5 +1,10 @@
 //! The JetStream streams and durable consumers, created idempotently at start-up
-//! by whichever stage comes first.
+//! by whichever stage comes first ([`ensure`]).
+//!
+//! Every durable consumer of a work queue is created here, with the streams, and
+//! not first by the stage that consumes it: the trainer runs only when KEDA sees
+//! lag on its consumer, and KEDA 2.20's `nats-jetstream` scaler reports an error,
+//! not lag, while that consumer does not exist (kedacore/keda#7668).
 //!
 //! | stream | subjects | retention | consumers |
 //! |---|---|---|---|
@@ -26,18 +31,47 @@ pub const DOWNLOADER_CONSUMER: &str = "downloader";
 /// Durable consumer of `model.promote`.
 pub const PROMOTER_CONSUMER: &str = "promoter";
 
+/// One work-queue command and the durable consumer that takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkConsumer {
+    /// The command's subject suffix.
+    pub suffix: &'static str,
+    /// The stream's role (see [`Subjects::stream_name`]).
+    pub stream: &'static str,
+    /// The durable consumer's name (what KEDA's trigger names).
+    pub durable: &'static str,
+    /// Deliveries of one message before the server gives up, until the consuming
+    /// stage binds with its own setting (`TRAINER_MAX_DELIVER`, ...).
+    pub max_deliver: i64,
+}
+
+/// Every durable consumer of the deployment: the one definition that set-up
+/// ([`ensure`]), the stages ([`crate::Bus::work_queue`]) and the KEDA trigger
+/// (`k8s/base/trainer.yaml`, checked by `k8s/check`) share.
+pub const WORK_CONSUMERS: [WorkConsumer; 3] = [
+    WorkConsumer { suffix: subjects::TRAIN_REQUEST, stream: TRAIN, durable: TRAINER_CONSUMER, max_deliver: 5 },
+    WorkConsumer { suffix: subjects::DATASET_DOWNLOAD, stream: COMMANDS, durable: DOWNLOADER_CONSUMER, max_deliver: 3 },
+    WorkConsumer { suffix: subjects::MODEL_PROMOTE, stream: COMMANDS, durable: PROMOTER_CONSUMER, max_deliver: 5 },
+];
+
+/// The ack wait a consumer is created with at set-up (a stage that binds with
+/// another value updates it).
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(60);
+
 /// The window within which a repeated `Nats-Msg-Id` is stored once.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 /// Which stream holds a subject suffix, and which durable consumes it (if a command).
 pub fn route(suffix: &str) -> Option<(&'static str, Option<&'static str>)> {
-    match suffix {
-        subjects::TRAIN_REQUEST => Some((TRAIN, Some(TRAINER_CONSUMER))),
-        subjects::DATASET_DOWNLOAD => Some((COMMANDS, Some(DOWNLOADER_CONSUMER))),
-        subjects::MODEL_PROMOTE => Some((COMMANDS, Some(PROMOTER_CONSUMER))),
-        s if EVENT_SUBJECTS.contains(&s) => Some((EVENTS, None)),
-        _ => None,
+    if let Some(c) = work_consumer(suffix) {
+        return Some((c.stream, Some(c.durable)));
     }
+    EVENT_SUBJECTS.contains(&suffix).then_some((EVENTS, None))
+}
+
+/// The work-queue consumer of a command suffix, if it is one.
+pub fn work_consumer(suffix: &str) -> Option<&'static WorkConsumer> {
+    WORK_CONSUMERS.iter().find(|c| c.suffix == suffix)
 }
 
 /// The configuration of each stream.
@@ -90,14 +124,16 @@ pub fn work_consumer_config(
         description: Some(format!("mnistflow {durable}")),
         filter_subject: subjects.full(suffix),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(60),
+        ack_wait: DEFAULT_ACK_WAIT,
         max_deliver,
         max_ack_pending: 64,
         ..Default::default()
     }
 }
 
-/// Creates the streams, or updates them to the current configuration.
+/// Creates the streams, or updates them to the current configuration, then
+/// creates every durable consumer of [`WORK_CONSUMERS`] that does not exist yet
+/// (an existing one keeps the settings its stage gave it).
 ///
 /// # Errors
 /// The server refused (JetStream disabled, or a conflicting stream owns a subject).
@@ -107,6 +143,15 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects) -> Result<(), 
         js.create_or_update_stream(config)
             .await
             .map_err(|e| BusError::Stream(format!("creating or updating stream {name}: {e}")))?;
+    }
+    for c in &WORK_CONSUMERS {
+        let name = subjects.stream_name(c.stream);
+        let stream = js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
+        let config = work_consumer_config(subjects, c.suffix, c.durable, c.max_deliver);
+        stream
+            .get_or_create_consumer::<consumer::pull::Config>(c.durable, config)
+            .await
+            .map_err(|e| BusError::Stream(format!("creating consumer {} on {name}: {e}", c.durable)))?;
     }
     Ok(())
 }

@@ -300,3 +300,33 @@ async fn a_late_subscriber_replays_history_then_follows_live_events() {
     let live = tokio::time::timeout(Duration::from_secs(5), replay.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(live.sequence, 3);
 }
+
+#[tokio::test]
+async fn set_up_creates_every_work_consumer_so_a_queued_command_counts_before_any_stage_binds() {
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    bus.publish(&TrainRequest::default()).await.unwrap();
+    for c in &streams::WORK_CONSUMERS {
+        let stream = bus.jetstream().get_stream(bus.subjects().stream_name(c.stream)).await.unwrap();
+        let mut consumer = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(c.durable)
+            .await
+            .unwrap_or_else(|e| panic!("set-up did not create consumer {}: {e}", c.durable));
+        let info = consumer.info().await.unwrap();
+        assert_eq!(info.config.filter_subject, bus.subjects().full(c.suffix), "{}", c.durable);
+        let want = u64::from(c.suffix == subjects::TRAIN_REQUEST);
+        assert_eq!(info.num_pending, want, "{}: pending commands", c.durable);
+    }
+}
+
+#[tokio::test]
+async fn a_stage_binding_with_its_own_ack_wait_updates_the_consumer_set_up_created() {
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    let options = WorkQueueOptions { ack_wait: Duration::from_secs(7), max_deliver: 2 };
+    let _queue = bus.work_queue::<TrainRequest>(options).await.unwrap();
+    let stream = bus.jetstream().get_stream("MNIST_TRAIN").await.unwrap();
+    let mut consumer = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("trainer").await.unwrap();
+    let config = consumer.info().await.unwrap().config.clone();
+    assert_eq!((config.ack_wait, config.max_deliver), (Duration::from_secs(7), 2));
+}
