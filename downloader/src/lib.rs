@@ -55,7 +55,7 @@ pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::R
             let Some(addr) = config.metrics_addr else {
                 return Ok(service.await?);
             };
-            let server = metrics::serve(addr, metrics, bus.client().clone(), shutdown.clone())
+            let server = metrics::serve(addr, metrics, bus.clone(), shutdown.clone())
                 .await
                 .map_err(|e| rocket_error(&e))
                 .context("DOWNLOADER_METRICS_ADDR")?;

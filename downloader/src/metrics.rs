@@ -1,11 +1,19 @@
 //! Prometheus metrics and the small HTTP server of service mode:
 //! `GET /healthz` (the process is up), `GET /readyz` (NATS is connected) and
 //! `GET /metrics` (OpenMetrics text).
+//!
+//! Besides its own counters, each scrape reads the state of the pipeline's
+//! work-queue consumers from JetStream (`downloader_work_queue_*{stream,consumer}`):
+//! nats-server has no Prometheus endpoint, and the downloader service is the one
+//! stage always running beside NATS (the trainer runs as Jobs in the cluster).
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
+use mnistflow_nats::Bus;
 use mnistflow_nats::async_nats;
+use mnistflow_nats::streams::{COMMANDS, DOWNLOADER_CONSUMER, PROMOTER_CONSUMER, TRAIN, TRAINER_CONSUMER};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,6 +35,20 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// `stream` and `consumer` labels of the work-queue gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabel {
+    pub stream: String,
+    pub consumer: String,
+}
+
+/// The work-queue consumers each scrape reads: (stream role, durable name).
+const WORK_QUEUES: [(&str, &str); 3] =
+    [(TRAIN, TRAINER_CONSUMER), (COMMANDS, DOWNLOADER_CONSUMER), (COMMANDS, PROMOTER_CONSUMER)];
+
+/// How long one scrape waits for one consumer's state.
+const CONSUMER_INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The downloader's metrics. Cheap to update from any task.
 #[derive(Debug)]
 pub struct Metrics {
@@ -41,6 +63,13 @@ pub struct Metrics {
     pub last_success: Gauge<f64, AtomicU64>,
     /// Seconds the last successful download (or re-announcement) took.
     pub last_duration: Gauge<f64, AtomicU64>,
+    /// Per work-queue consumer: messages not yet delivered plus delivered and not
+    /// yet acknowledged, the lag KEDA's `nats-jetstream` scaler starts trainer Jobs on.
+    pub work_queue_lag: Family<ConsumerLabel, Gauge>,
+    /// Of the lag, the messages delivered and not yet acknowledged (work in progress).
+    pub work_queue_ack_pending: Family<ConsumerLabel, Gauge>,
+    /// Messages delivered more than once and not yet acknowledged (failed or killed work).
+    pub work_queue_redelivered: Family<ConsumerLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -66,7 +95,68 @@ impl Metrics {
             last_success.clone(),
         );
         registry.register("last_duration_seconds", "Duration of the last successful run", last_duration.clone());
-        Self { registry, bytes_downloaded, failures, datasets, last_success, last_duration }
+        let work_queue_lag = Family::<ConsumerLabel, Gauge>::default();
+        registry.register(
+            "work_queue_lag",
+            "Work-queue messages waiting or unacknowledged, per JetStream consumer (read at scrape time)",
+            work_queue_lag.clone(),
+        );
+        let work_queue_ack_pending = Family::<ConsumerLabel, Gauge>::default();
+        registry.register(
+            "work_queue_ack_pending",
+            "Work-queue messages delivered and not yet acknowledged, per JetStream consumer",
+            work_queue_ack_pending.clone(),
+        );
+        let work_queue_redelivered = Family::<ConsumerLabel, Gauge>::default();
+        registry.register(
+            "work_queue_redelivered",
+            "Work-queue messages delivered more than once and not yet acknowledged, per JetStream consumer",
+            work_queue_redelivered.clone(),
+        );
+        Self {
+            registry,
+            bytes_downloaded,
+            failures,
+            datasets,
+            last_success,
+            last_duration,
+            work_queue_lag,
+            work_queue_ack_pending,
+            work_queue_redelivered,
+        }
+    }
+
+    /// Reads each work-queue consumer's state from JetStream into the `work_queue_*`
+    /// gauges. A consumer that cannot be read (missing, NATS away, no answer within
+    /// [`CONSUMER_INFO_TIMEOUT`]) is left out of this scrape rather than shown stale.
+    pub async fn read_work_queues(&self, bus: &Bus) {
+        for (role, durable) in WORK_QUEUES {
+            let stream = bus.subjects().stream_name(role);
+            let labels = ConsumerLabel { stream: stream.clone(), consumer: durable.to_owned() };
+            let info = tokio::time::timeout(CONSUMER_INFO_TIMEOUT, async {
+                let stream = bus.jetstream().get_stream_no_info(&stream).await.map_err(|e| e.to_string())?;
+                stream.consumer_info(durable).await.map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".to_owned()));
+            match info {
+                Ok(info) => {
+                    let ack_pending = i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX);
+                    let pending = i64::try_from(info.num_pending).unwrap_or(i64::MAX);
+                    self.work_queue_lag.get_or_create(&labels).set(pending.saturating_add(ack_pending));
+                    self.work_queue_ack_pending.get_or_create(&labels).set(ack_pending);
+                    self.work_queue_redelivered
+                        .get_or_create(&labels)
+                        .set(i64::try_from(info.num_redelivered).unwrap_or(i64::MAX));
+                }
+                Err(error) => {
+                    tracing::debug!(%stream, consumer = durable, %error, "Work-queue consumer not read.");
+                    self.work_queue_lag.remove(&labels);
+                    self.work_queue_ack_pending.remove(&labels);
+                    self.work_queue_redelivered.remove(&labels);
+                }
+            }
+        }
     }
 
     /// Counts a failure.
@@ -91,7 +181,7 @@ impl Metrics {
 /// What the routes need.
 struct HttpState {
     metrics: std::sync::Arc<Metrics>,
-    nats: async_nats::Client,
+    bus: Bus,
 }
 
 #[get("/healthz")]
@@ -101,21 +191,22 @@ fn healthz() -> &'static str {
 
 #[get("/readyz")]
 fn readyz(state: &State<HttpState>) -> (Status, String) {
-    match state.nats.connection_state() {
+    match state.bus.client().connection_state() {
         async_nats::connection::State::Connected => (Status::Ok, "ok\n".into()),
         other => (Status::ServiceUnavailable, format!("NATS {other:?}\n")),
     }
 }
 
 #[get("/metrics")]
-fn metrics_text(state: &State<HttpState>) -> (ContentType, String) {
+async fn metrics_text(state: &State<HttpState>) -> (ContentType, String) {
+    state.metrics.read_work_queues(&state.bus).await;
     let content_type =
         ContentType::new("application", "openmetrics-text").with_params([("version", "1.0.0"), ("charset", "utf-8")]);
     (content_type, state.metrics.encode())
 }
 
 /// The health and metrics application, unlaunched (tests use Rocket's local client).
-pub fn rocket(addr: SocketAddr, metrics: std::sync::Arc<Metrics>, nats: async_nats::Client) -> Rocket<Build> {
+pub fn rocket(addr: SocketAddr, metrics: std::sync::Arc<Metrics>, bus: Bus) -> Rocket<Build> {
     let config = rocket::Config {
         address: addr.ip(),
         port: addr.port(),
@@ -131,7 +222,7 @@ pub fn rocket(addr: SocketAddr, metrics: std::sync::Arc<Metrics>, nats: async_na
         },
         ..rocket::Config::default()
     };
-    rocket::custom(config).manage(HttpState { metrics, nats }).mount("/", routes![healthz, readyz, metrics_text])
+    rocket::custom(config).manage(HttpState { metrics, bus }).mount("/", routes![healthz, readyz, metrics_text])
 }
 
 /// Serves health and metrics on `addr` until `shutdown`. The task ends with an
@@ -142,10 +233,10 @@ pub fn rocket(addr: SocketAddr, metrics: std::sync::Arc<Metrics>, nats: async_na
 pub async fn serve(
     addr: SocketAddr,
     metrics: std::sync::Arc<Metrics>,
-    nats: async_nats::Client,
+    bus: Bus,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<Result<(), rocket::Error>>, rocket::Error> {
-    let ignited = rocket(addr, metrics, nats).ignite().await?;
+    let ignited = rocket(addr, metrics, bus).ignite().await?;
     let handle = ignited.shutdown();
     tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -177,9 +268,25 @@ mod tests {
         use rocket::local::asynchronous::Client;
         let server = mnistflow_integration::NatsServer::start();
         let nats = async_nats::connect(server.url()).await.unwrap();
+        let bus = Bus::new(nats, mnistflow_nats::Subjects::default());
+        bus.ensure_streams().await.unwrap();
+        // Two training requests waiting for the trainer's consumer.
+        let subjects = bus.subjects();
+        let stream = bus.jetstream().get_stream(subjects.stream_name(TRAIN)).await.unwrap();
+        let config = mnistflow_nats::streams::work_consumer_config(
+            subjects,
+            mnistflow_nats::subjects::TRAIN_REQUEST,
+            TRAINER_CONSUMER,
+            5,
+        );
+        stream.get_or_create_consumer(TRAINER_CONSUMER, config).await.unwrap();
+        for _ in 0..2 {
+            let subject = subjects.full(mnistflow_nats::subjects::TRAIN_REQUEST);
+            bus.jetstream().publish(subject, "{}".into()).await.unwrap().await.unwrap();
+        }
         let metrics = std::sync::Arc::new(Metrics::new());
         metrics.dataset("reused");
-        let client = Client::tracked(rocket("127.0.0.1:0".parse().unwrap(), metrics, nats)).await.unwrap();
+        let client = Client::tracked(rocket("127.0.0.1:0".parse().unwrap(), metrics, bus)).await.unwrap();
 
         let health = client.get("/healthz").dispatch().await;
         assert_eq!(health.status(), Status::Ok);
@@ -190,6 +297,9 @@ mod tests {
         assert_eq!(response.content_type().map(|c| c.sub().to_string()), Some("openmetrics-text".into()));
         let text = response.into_string().await.unwrap();
         assert!(text.contains("downloader_datasets_total{outcome=\"reused\"} 1"), "{text}");
+        let trainer = "{stream=\"MNIST_TRAIN\",consumer=\"trainer\"}";
+        assert!(text.contains(&format!("downloader_work_queue_lag{trainer} 2")), "{text}");
+        assert!(text.contains(&format!("downloader_work_queue_ack_pending{trainer} 0")), "{text}");
 
         drop(server);
         let client = &client;
