@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use mnistflow_nats::Bus;
 use mnistflow_nats::async_nats;
-use mnistflow_nats::streams::{COMMANDS, DOWNLOADER_CONSUMER, PROMOTER_CONSUMER, TRAIN, TRAINER_CONSUMER};
+use mnistflow_nats::streams::WORK_CONSUMERS;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -41,10 +41,6 @@ pub struct ConsumerLabel {
     pub stream: String,
     pub consumer: String,
 }
-
-/// The work-queue consumers each scrape reads: (stream role, durable name).
-const WORK_QUEUES: [(&str, &str); 3] =
-    [(TRAIN, TRAINER_CONSUMER), (COMMANDS, DOWNLOADER_CONSUMER), (COMMANDS, PROMOTER_CONSUMER)];
 
 /// How long one scrape waits for one consumer's state.
 const CONSUMER_INFO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -126,12 +122,12 @@ impl Metrics {
         }
     }
 
-    /// Reads each work-queue consumer's state from JetStream into the `work_queue_*`
+    /// Reads each work-queue consumer's state ([`WORK_CONSUMERS`]) from JetStream into the `work_queue_*`
     /// gauges. A consumer that cannot be read (missing, NATS away, no answer within
     /// [`CONSUMER_INFO_TIMEOUT`]) is left out of this scrape rather than shown stale.
     pub async fn read_work_queues(&self, bus: &Bus) {
-        for (role, durable) in WORK_QUEUES {
-            let stream = bus.subjects().stream_name(role);
+        for consumer in WORK_CONSUMERS {
+            let (stream, durable) = (bus.subjects().stream_name(consumer.stream), consumer.durable);
             let labels = ConsumerLabel { stream: stream.clone(), consumer: durable.to_owned() };
             let info = tokio::time::timeout(CONSUMER_INFO_TIMEOUT, async {
                 let stream = bus.jetstream().get_stream_no_info(&stream).await.map_err(|e| e.to_string())?;
@@ -270,16 +266,8 @@ mod tests {
         let nats = async_nats::connect(server.url()).await.unwrap();
         let bus = Bus::new(nats, mnistflow_nats::Subjects::default());
         bus.ensure_streams().await.unwrap();
-        // Two training requests waiting for the trainer's consumer.
+        // Two training requests waiting for the trainer's consumer (set-up created it).
         let subjects = bus.subjects();
-        let stream = bus.jetstream().get_stream(subjects.stream_name(TRAIN)).await.unwrap();
-        let config = mnistflow_nats::streams::work_consumer_config(
-            subjects,
-            mnistflow_nats::subjects::TRAIN_REQUEST,
-            TRAINER_CONSUMER,
-            5,
-        );
-        stream.get_or_create_consumer(TRAINER_CONSUMER, config).await.unwrap();
         for _ in 0..2 {
             let subject = subjects.full(mnistflow_nats::subjects::TRAIN_REQUEST);
             bus.jetstream().publish(subject, "{}".into()).await.unwrap().await.unwrap();
