@@ -3,14 +3,15 @@
 //! committed and `dataset.ready` (and `train.request`) are published; a failure
 //! is answered with `dataset.failed` and either redelivered later (transient,
 //! bounded by `DOWNLOADER_MAX_DELIVER`) or terminated. Never acked before its
-//! effect is durable.
+//! effect is durable. The loop itself (decode, progress signals, settling) is the
+//! shared [`mnistflow_nats::work`] runner.
 
 use std::time::Duration;
 
-use mnistflow_nats::{BusError, DatasetDownload, Delivery, WorkQueueOptions};
-use sha2::{Digest, Sha256};
+use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
+use mnistflow_nats::{BusError, DatasetDownload, DeliveryKey, WorkQueueOptions};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
 use crate::config::Config;
 use crate::error::DownloadError;
@@ -54,82 +55,53 @@ pub async fn run(
         })
         .await?;
     info!("Waiting for download commands.");
-    loop {
-        let delivery = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return Ok(()),
-            next = queue.next() => match next {
-                Some(d) => d,
-                None => return Err(BusError::Subscribe { subject: "dataset.download".into(), message: "the work queue ended".into() }),
-            },
-        };
-        handle(downloader, &delivery, options, &shutdown).await;
-    }
+    let handler = Service { downloader, options };
+    work::run(&mut queue, &handler, options.ack_wait, Take::All, &shutdown).await.map(|_| ())
 }
 
-async fn handle(
-    downloader: &Downloader,
-    delivery: &Delivery<DatasetDownload>,
+struct Service<'a> {
+    downloader: &'a Downloader,
     options: ServiceOptions,
-    shutdown: &CancellationToken,
-) {
-    let delivered = delivery.delivered();
-    // Stable across redeliveries (a hand-written `{}` gets a new random event id at each decode).
-    let key = format!("{}:{}", delivery.stream_sequence(), &hex::encode(Sha256::digest(delivery.raw()))[..16]);
-    let span = info_span!("command", sequence = delivery.stream_sequence(), delivered);
-    async {
-        let command = match delivery.payload() {
-            Ok(c) => c.clone(),
-            Err(e) => {
-                let raw = String::from_utf8_lossy(delivery.raw()).into_owned();
-                warn!(error = %e, %raw, "Undecodable download command.");
-                let origin = Origin { command: None, key: Some(key) };
-                let error = DownloadError::BadRequest(format!("undecodable payload: {e}"));
-                downloader.report_failure(&error, &origin, "failed", false).await;
-                settle(delivery.term().await);
-                return;
-            }
-        };
-        info!(request_id = %command.event_id, requested_by = ?command.requested_by, "Download command received.");
-        let origin = Origin { command: Some(command), key: Some(key) };
-        let work = downloader.download(&origin);
-        tokio::pin!(work);
-        let mut heartbeat = tokio::time::interval(options.ack_wait / 3);
-        heartbeat.tick().await;
-        let result = loop {
-            tokio::select! {
+}
+
+impl Handler<DatasetDownload> for Service<'_> {
+    async fn handle(&self, work: Work<'_, DatasetDownload>) -> Outcome {
+        let span = info_span!("command", key = %work.key, delivered = work.delivered);
+        async {
+            let command = work.command;
+            info!(request_id = %command.event_id, requested_by = ?command.requested_by, "Download command received.");
+            let origin = Origin { command: Some(command.clone()), key: Some(work.key.clone()) };
+            let result = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break Err(DownloadError::Cancelled),
-                r = &mut work => break r,
-                _ = heartbeat.tick() => settle(delivery.in_progress().await),
-            }
-        };
-        match result {
-            Ok(ready) => {
-                settle(delivery.ack().await);
-                info!(dataset_id = %ready.dataset_id, reused = ready.reused, "Download command done.");
-            }
-            Err(DownloadError::Cancelled) => {
+                () = work.shutdown.cancelled() => Err(DownloadError::Cancelled),
+                r = self.downloader.download(&origin) => r,
+            };
+            match result {
+                Ok(ready) => {
+                    info!(dataset_id = %ready.dataset_id, reused = ready.reused, "Download command done.");
+                    Outcome::Done
+                }
                 // Someone else (or our next start) picks it up at once.
-                settle(delivery.nak(None).await);
-            }
-            Err(e) => {
-                let will_retry = e.transient() && delivered < options.max_deliver;
-                downloader.report_failure(&e, &origin, &format!("failed-{delivered}"), will_retry).await;
-                if will_retry {
-                    settle(delivery.nak(Some(options.retry_delay)).await);
-                } else {
-                    settle(delivery.term().await);
+                Err(DownloadError::Cancelled) => Outcome::Cancelled,
+                Err(e) => {
+                    let will_retry = e.transient() && work.delivered < self.options.max_deliver;
+                    let role = format!("failed-{}", work.delivered);
+                    self.downloader.report_failure(&e, &origin, &role, will_retry).await;
+                    if will_retry {
+                        Outcome::Retry { after: self.options.retry_delay, reason: e.to_string() }
+                    } else {
+                        Outcome::Reject { reason: e.to_string() }
+                    }
                 }
             }
         }
+        .instrument(span)
+        .await
     }
-    .instrument(span)
-    .await;
-}
 
-fn settle(result: Result<(), BusError>) {
-    if let Err(e) = result {
-        warn!(error = %e, "Could not signal the server about a command; it will be redelivered.");
+    async fn undecodable(&self, key: &DeliveryKey, error: &str, _raw: &[u8]) {
+        let origin = Origin { command: None, key: Some(key.clone()) };
+        let error = DownloadError::BadRequest(format!("undecodable payload: {error}"));
+        self.downloader.report_failure(&error, &origin, "failed", false).await;
     }
 }

@@ -6,15 +6,13 @@ use std::time::Instant;
 
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mnistflow_nats::{Bus, DatasetDownload, DatasetFailed, DatasetReady, EventId, TrainRequest};
+use mnistflow_nats::{Bus, DatasetDownload, DatasetFailed, DatasetReady, DeliveryKey, EventId, TrainRequest};
 use mnistflow_store::{DatasetManifest, Store, StoreError};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 use url::Url;
-use uuid::Uuid;
 
 use crate::config::{Config, parse_mirror_list};
 use crate::error::DownloadError;
@@ -34,28 +32,17 @@ pub struct Obtained {
 pub struct Origin {
     /// The command being answered, if any.
     pub command: Option<DatasetDownload>,
-    /// A key stable across redeliveries of the command: the answering events'
+    /// What identifies the command across redeliveries: the answering events'
     /// ids derive from it, so answering the same command twice publishes the
     /// same `Nats-Msg-Id`s and JetStream stores them once. `None` (a one-off
     /// run): fresh ids.
-    pub key: Option<String>,
+    pub key: Option<DeliveryKey>,
 }
 
 impl Origin {
     /// The id of the answering message `role` (`ready`, `train`, `failed-2`).
-    /// Derived ids are UUIDs of version 8 (custom), hashed from the key.
     pub fn event_id(&self, role: &str) -> EventId {
-        match &self.key {
-            None => EventId::new(),
-            Some(key) => {
-                let digest = Sha256::digest(format!("{key}/{role}").as_bytes());
-                let mut bytes = [0u8; 16];
-                bytes.copy_from_slice(&digest[..16]);
-                bytes[6] = (bytes[6] & 0x0f) | 0x80;
-                bytes[8] = (bytes[8] & 0x3f) | 0x80;
-                EventId(Uuid::from_bytes(bytes))
-            }
-        }
+        self.key.as_ref().map_or_else(EventId::new, |key| key.event_id(role))
     }
 
     fn request_id(&self) -> Option<EventId> {
@@ -325,11 +312,11 @@ mod tests {
 
     #[test]
     fn answers_to_the_same_command_reuse_their_ids_and_one_off_runs_do_not() {
-        let origin = Origin { command: None, key: Some("7:abc".into()) };
+        let origin = Origin { command: None, key: Some(DeliveryKey::new(7, b"{}")) };
         assert_eq!(origin.event_id("ready"), origin.event_id("ready"));
         assert_ne!(origin.event_id("ready"), origin.event_id("train"));
         assert_eq!(origin.event_id("ready").0.get_version_num(), 8);
-        let other = Origin { command: None, key: Some("8:abc".into()) };
+        let other = Origin { command: None, key: Some(DeliveryKey::new(8, b"{}")) };
         assert_ne!(origin.event_id("ready"), other.event_id("ready"));
         let once = Origin::default();
         assert_ne!(once.event_id("ready"), once.event_id("ready"));

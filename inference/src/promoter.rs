@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use mnistflow_nats::{Bus, BusError, Delivery, ModelPromote, WorkQueueOptions};
+use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
+use mnistflow_nats::{Bus, BusError, ModelPromote, WorkQueueOptions};
 use mnistflow_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -15,51 +16,39 @@ use tracing::{Instrument, info, info_span, warn};
 /// # Errors
 /// The work queue cannot be bound (stream missing).
 pub async fn run(bus: Bus, store: Store, shutdown: CancellationToken) -> Result<(), BusError> {
-    let mut queue = bus.work_queue::<ModelPromote>(WorkQueueOptions::default()).await?;
-    loop {
-        let delivery = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            d = queue.next() => match d {
-                Some(d) => d,
-                None => break,
-            },
-        };
-        let span = info_span!("promote", sequence = delivery.stream_sequence(), delivered = delivery.delivered());
-        handle(&store, delivery).instrument(span).await;
-    }
+    let options = WorkQueueOptions::default();
+    let mut queue = bus.work_queue::<ModelPromote>(options).await?;
+    let result = work::run(&mut queue, &Promoter { store }, options.ack_wait, Take::All, &shutdown).await;
     info!("Promoter stopped.");
-    Ok(())
+    result.map(|_| ())
 }
 
-async fn handle(store: &Store, delivery: Delivery<ModelPromote>) {
-    let command = match delivery.payload() {
-        Ok(c) => c.clone(),
-        Err(error) => {
-            warn!(%error, raw = %String::from_utf8_lossy(delivery.raw()), "Undecodable model.promote terminated.");
-            settle(delivery.term().await);
-            return;
-        }
-    };
-    let version = command.version;
-    match store.promote(&version).await {
-        Ok(metadata) => {
-            info!(%version, accuracy = metadata.metrics.accuracy, requested_by = ?command.requested_by, "Promoted.");
-            settle(delivery.ack().await);
-        }
-        Err(e @ (StoreError::Backend(_) | StoreError::Io(_))) => {
-            warn!(%version, error = %e, "Promotion failed on the store; will be redelivered.");
-            settle(delivery.nak(Some(Duration::from_secs(5))).await);
-        }
-        Err(e) => {
-            warn!(%version, error = %e, "Promotion refused: the version cannot be served.");
-            settle(delivery.term().await);
-        }
-    }
+struct Promoter {
+    store: Store,
 }
 
-fn settle(result: Result<(), BusError>) {
-    if let Err(e) = result {
-        warn!(error = %e, "Settling a model.promote delivery failed; it may be redelivered.");
+impl Handler<ModelPromote> for Promoter {
+    async fn handle(&self, work: Work<'_, ModelPromote>) -> Outcome {
+        let span = info_span!("promote", key = %work.key, delivered = work.delivered);
+        let version = work.command.version.clone();
+        async {
+            match self.store.promote(&version).await {
+                Ok(metadata) => {
+                    let requested_by = &work.command.requested_by;
+                    info!(%version, accuracy = metadata.metrics.accuracy, ?requested_by, "Promoted.");
+                    Outcome::Done
+                }
+                Err(e @ (StoreError::Backend(_) | StoreError::Io(_))) => {
+                    warn!(%version, error = %e, "Promotion failed on the store; will be redelivered.");
+                    Outcome::Retry { after: Duration::from_secs(5), reason: e.to_string() }
+                }
+                Err(e) => {
+                    warn!(%version, error = %e, "Promotion refused: the version cannot be served.");
+                    Outcome::Reject { reason: e.to_string() }
+                }
+            }
+        }
+        .instrument(span)
+        .await
     }
 }

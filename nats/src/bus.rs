@@ -15,6 +15,7 @@ use crate::config::NatsConfig;
 use crate::events::Message;
 use crate::streams;
 use crate::subjects::Subjects;
+use crate::work::DeliveryKey;
 
 /// What can go wrong talking to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -377,12 +378,19 @@ impl<M: Message> WorkQueue<M> {
 pub struct Delivery<M> {
     msg: jetstream::Message,
     payload: Result<M, String>,
+    key: DeliveryKey,
 }
 
 impl<M: Message> Delivery<M> {
     fn new(msg: jetstream::Message) -> Self {
-        let payload = serde_json::from_slice(&msg.payload).map_err(|e| e.to_string());
-        Self { msg, payload }
+        let key = DeliveryKey::new(msg.info().map(|i| i.stream_sequence).unwrap_or(0), &msg.payload);
+        let payload = decode_command(&msg.payload, &key);
+        Self { msg, payload, key }
+    }
+
+    /// What identifies this command on every delivery (see [`DeliveryKey`]).
+    pub fn key(&self) -> &DeliveryKey {
+        &self.key
     }
 
     /// The decoded command, or why it could not be decoded (terminate such a message).
@@ -439,4 +447,17 @@ impl<M: Message> Delivery<M> {
     pub async fn term(&self) -> Result<(), BusError> {
         self.msg.ack_with(AckKind::Term).await.map_err(|e| BusError::Ack(e.to_string()))
     }
+}
+
+/// Decodes a command; one written without an `event_id` gets its delivery key's,
+/// so every delivery of it carries the same id (serde's default would draw a new
+/// random one at each decode).
+fn decode_command<M: Message>(raw: &[u8], key: &DeliveryKey) -> Result<M, String> {
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    let explicit = value.get("event_id").is_some();
+    let mut command: M = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    if !explicit {
+        command.set_event_id(key.command_id());
+    }
+    Ok(command)
 }

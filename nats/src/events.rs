@@ -18,6 +18,9 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     const SUBJECT: &'static str;
     /// The message's id, used as `Nats-Msg-Id`.
     fn event_id(&self) -> EventId;
+    /// Replaces the id (a command written without one gets its delivery's, see
+    /// [`crate::work::DeliveryKey`]).
+    fn set_event_id(&mut self, id: EventId);
 }
 
 macro_rules! message {
@@ -26,6 +29,9 @@ macro_rules! message {
             const SUBJECT: &'static str = $subject;
             fn event_id(&self) -> EventId {
                 self.event_id
+            }
+            fn set_event_id(&mut self, id: EventId) {
+                self.event_id = id;
             }
         }
     };

@@ -9,6 +9,8 @@
 //! - [`bus`]: the typed [`Bus`]: connect with retry, publish with `Nats-Msg-Id`
 //!   de-duplication, typed subscriptions and work queues that report undecodable
 //!   messages instead of panicking.
+//! - [`work`]: the work-queue runner (decode, heartbeats, ack/nak/term) and the
+//!   delivery-derived ids of commands and their answers.
 //! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
 //! - [`runtime`]: process plumbing shared by every binary (tracing, shutdown).
 
@@ -19,6 +21,7 @@ pub mod ids;
 pub mod runtime;
 pub mod streams;
 pub mod subjects;
+pub mod work;
 
 pub use bus::{
     Bus, BusError, Delivery, EventReplay, Published, Received, StoredEvent, TypedSubscriber, WorkQueue,
@@ -28,6 +31,7 @@ pub use config::{ConfigError, NatsConfig};
 pub use events::*;
 pub use ids::{DatasetId, EventId, ModelVersion, RunId};
 pub use subjects::Subjects;
+pub use work::{DeliveryKey, Outcome, Take, Work};
 
 /// Re-exported so that callers need not depend on `async-nats` directly for the
 /// few client types the bus hands out (request/reply for predictions).

@@ -15,14 +15,22 @@
 //!   request whose version was already stored (a crash after the store, before
 //!   the ack) is finished from the stored version instead of training again
 //!   (every request is first looked up among the stored versions' `request_id`).
+//!   A request written without an `event_id` takes its delivery's id (stream
+//!   sequence and payload hash, see [`mnistflow_nats::DeliveryKey`]), so it is
+//!   recognised too, and the answers' ids derive from the same key: a repeated
+//!   `model.published` or `train.failed` is stored once by JetStream.
+//!
+//! The loop (decode, in-progress signals every third of the ack wait, settling)
+//! is the shared runner, [`mnistflow_nats::work`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
+use mnistflow_nats::work::{self, Handler, Outcome as WorkOutcome, Take, Work};
 use mnistflow_nats::{
-    Bus, Delivery, EventId, ModelPublished, ModelVersion, RunId, TrainFailed, TrainProgress, TrainRequest,
+    Bus, DeliveryKey, EventId, ModelPublished, ModelVersion, RunId, TrainFailed, TrainProgress, TrainRequest,
     WorkQueueOptions,
 };
 use mnistflow_store::{ModelMetadata, Store};
@@ -54,6 +62,19 @@ pub struct Worker {
     pub store: Store,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+}
+
+impl Handler<TrainRequest> for Worker {
+    async fn handle(&self, work: Work<'_, TrainRequest>) -> WorkOutcome {
+        let (outcome, settle) = self.handle_request(&work).await;
+        self.metrics.run_finished(outcome);
+        settle
+    }
+
+    async fn undecodable(&self, key: &DeliveryKey, error: &str, _raw: &[u8]) {
+        self.fail(key, 1, None, None, &format!("undecodable train request: {error}"), false).await;
+        self.metrics.run_finished(Outcome::Rejected);
+    }
 }
 
 /// Messages from the training thread.
@@ -92,77 +113,63 @@ impl Worker {
         let options = WorkQueueOptions { ack_wait: self.config.ack_wait, max_deliver: self.config.max_deliver };
         let mut queue = self.bus.work_queue::<TrainRequest>(options).await?;
         info!(mode = ?self.config.mode, "Waiting for train requests.");
-        loop {
-            let next = async {
-                match self.config.mode {
-                    Mode::Worker => queue.next().await,
-                    Mode::Job => tokio::time::timeout(self.config.job_wait, queue.next()).await.unwrap_or_else(|_| {
-                        info!(waited_secs = self.config.job_wait.as_secs_f64(), "No train request arrived; exiting.");
-                        None
-                    }),
-                }
+        let take = match self.config.mode {
+            Mode::Worker => Take::All,
+            Mode::Job => Take::One { wait: self.config.job_wait },
+        };
+        let last = work::run(&mut queue, self, self.config.ack_wait, take, &shutdown).await?;
+        if self.config.mode == Mode::Job {
+            return match last {
+                Some(WorkOutcome::Retry { reason, .. }) => Err(WorkerError::JobFailed(reason)),
+                Some(WorkOutcome::Cancelled) => Err(WorkerError::JobFailed("cancelled by shutdown".into())),
+                _ => Ok(()),
             };
-            let delivery = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                d = next => match d {
-                    Some(d) => d,
-                    None => break,
-                },
-            };
-            let outcome = self.handle(&delivery, &shutdown).await;
-            self.metrics.run_finished(outcome.0);
-            if self.config.mode == Mode::Job {
-                return match outcome {
-                    (Outcome::Failed | Outcome::Cancelled, reason) => Err(WorkerError::JobFailed(reason)),
-                    _ => Ok(()),
-                };
-            }
         }
         info!("Trainer stopped.");
         Ok(())
     }
 
-    /// Handles one delivery to its end (ack, nak or term) and says how it ended.
-    pub async fn handle(&self, delivery: &Delivery<TrainRequest>, shutdown: &CancellationToken) -> (Outcome, String) {
-        let request = match delivery.payload() {
-            Ok(r) => r.clone(),
-            Err(e) => {
-                let reason = format!("undecodable train request: {e}");
-                warn!(error = %e, raw = %String::from_utf8_lossy(delivery.raw()), "Undecodable train request terminated.");
-                self.fail(delivery, None, None, &reason, false).await;
-                return (Outcome::Rejected, reason);
-            }
-        };
+    /// Handles one request to its end and says how its delivery ends (the runner
+    /// settles it: ack, nak with delay, or term).
+    async fn handle_request(&self, work: &Work<'_, TrainRequest>) -> (Outcome, WorkOutcome) {
+        let request = work.command;
         let run_id = RunId::new();
-        let span = info_span!("train", %run_id, request_id = %request.event_id, delivered = delivery.delivered());
+        let span =
+            info_span!("train", %run_id, request_id = %request.event_id, key = %work.key, delivered = work.delivered);
         async {
             self.metrics.set_busy(true);
             let started = Instant::now();
-            let result = self.attempt(delivery, &request, run_id, shutdown).await;
+            let result = self.attempt(work, run_id).await;
             self.metrics.set_busy(false);
             match result {
                 Ok(published) => {
-                    self.metrics.published(published.metrics.accuracy, published.metrics.loss, started.elapsed().as_secs_f64());
-                    (Outcome::Published, published.promotion)
+                    self.metrics.published(
+                        published.metrics.accuracy,
+                        published.metrics.loss,
+                        started.elapsed().as_secs_f64(),
+                    );
+                    (Outcome::Published, WorkOutcome::Done)
                 }
                 Err(Failure::Permanent(reason)) => {
                     warn!(%reason, "Train request rejected.");
-                    self.fail(delivery, Some(run_id), Some(request.event_id), &reason, false).await;
-                    (Outcome::Rejected, reason)
+                    self.fail(work.key, work.delivered, Some(run_id), Some(request.event_id), &reason, false).await;
+                    (Outcome::Rejected, WorkOutcome::Reject { reason })
                 }
                 Err(Failure::Transient(reason)) => {
-                    let will_retry = delivery.delivered() < self.config.max_deliver;
+                    let will_retry = work.delivered < self.config.max_deliver;
                     error!(%reason, will_retry, "Training failed.");
-                    self.fail(delivery, Some(run_id), Some(request.event_id), &reason, will_retry).await;
-                    (Outcome::Failed, reason)
+                    self.fail(work.key, work.delivered, Some(run_id), Some(request.event_id), &reason, will_retry)
+                        .await;
+                    let outcome = if will_retry {
+                        WorkOutcome::Retry { after: self.config.retry_delay, reason }
+                    } else {
+                        WorkOutcome::Reject { reason }
+                    };
+                    (Outcome::Failed, outcome)
                 }
                 Err(Failure::Cancelled) => {
                     info!("Training interrupted by shutdown; handing the request back.");
-                    if let Err(e) = delivery.nak(None).await {
-                        warn!(error = %e, "Could not hand the request back; it will be redelivered after the ack wait.");
-                    }
-                    (Outcome::Cancelled, "cancelled by shutdown".into())
+                    (Outcome::Cancelled, WorkOutcome::Cancelled)
                 }
             }
         }
@@ -170,18 +177,19 @@ impl Worker {
         .await
     }
 
-    /// Announces a failure and settles the delivery: `nak` with delay when it will
-    /// be retried, `term` otherwise.
+    /// Announces a failure as `train.failed`, with an id derived from the delivery so
+    /// a repeated announcement of the same delivery is stored once.
     async fn fail(
         &self,
-        delivery: &Delivery<TrainRequest>,
+        key: &DeliveryKey,
+        delivered: i64,
         run_id: Option<RunId>,
         request_id: Option<EventId>,
         reason: &str,
         will_retry: bool,
     ) {
         let event = TrainFailed {
-            event_id: EventId::new(),
+            event_id: key.event_id(&format!("failed-{delivered}")),
             run_id,
             request_id,
             reason: reason.to_owned(),
@@ -191,32 +199,22 @@ impl Worker {
         if let Err(e) = self.bus.publish(&event).await {
             warn!(error = %e, "Could not publish train.failed.");
         }
-        let settled =
-            if will_retry { delivery.nak(Some(self.config.retry_delay)).await } else { delivery.term().await };
-        if let Err(e) = settled {
-            warn!(error = %e, "Could not settle the train request.");
-        }
     }
 
-    async fn attempt(
-        &self,
-        delivery: &Delivery<TrainRequest>,
-        request: &TrainRequest,
-        run_id: RunId,
-        shutdown: &CancellationToken,
-    ) -> Result<ModelPublished, Failure> {
+    async fn attempt(&self, work: &Work<'_, TrainRequest>, run_id: RunId) -> Result<ModelPublished, Failure> {
+        let request = work.command;
         let hp =
             Hyperparameters::resolve(request, &self.config.defaults).map_err(|e| Failure::Permanent(e.to_string()))?;
 
         if let Some(stored) = self.stored_version_for(request.event_id).await {
             info!(version = %stored.version, "This request's version was stored by an earlier attempt; finishing it.");
-            return self.finish(delivery, request, run_id, stored).await;
+            return self.finish(work, run_id, stored).await;
         }
 
         let raw = self.fetch_dataset(request).await?;
         let dataset_id = raw.dataset_id.clone();
         info!(dataset_id = ?dataset_id.as_ref().map(ToString::to_string), hyperparameters = %serde_json::to_string(&hp).unwrap_or_default(), "Training started.");
-        let artefact = self.train_off_runtime(delivery, request, run_id, hp.clone(), raw, shutdown).await?;
+        let artefact = self.train_off_runtime(request, run_id, hp.clone(), raw, work.shutdown).await?;
 
         let version = ModelVersion::generate();
         let mut metadata = ModelMetadata::new(version.clone());
@@ -260,17 +258,19 @@ impl Worker {
             .publish_model(Bytes::from(artefact.torchscript), metadata)
             .await
             .map_err(|e| Failure::Transient(format!("storing the model failed: {e}")))?;
-        self.finish(delivery, request, run_id, stored).await
+        self.finish(work, run_id, stored).await
     }
 
-    /// Gate, promote, announce, acknowledge — for a version that is stored.
+    /// Gate, promote, announce — for a version that is stored (the runner then
+    /// acknowledges). The announcement's id derives from the delivery, so finishing
+    /// the same request again after a crash before the ack is stored once.
     async fn finish(
         &self,
-        delivery: &Delivery<TrainRequest>,
-        request: &TrainRequest,
+        work: &Work<'_, TrainRequest>,
         run_id: RunId,
         stored: ModelMetadata,
     ) -> Result<ModelPublished, Failure> {
+        let request = work.command;
         let version = stored.version.clone();
         let incumbent = self.incumbent(&version).await?;
         let hp_force = stored.hyperparameters.get("force").and_then(serde_json::Value::as_bool).unwrap_or(false);
@@ -288,7 +288,7 @@ impl Worker {
                 .map_err(|e| Failure::Transient(format!("promoting {version} failed: {e}")))?;
         }
         let event = ModelPublished {
-            event_id: EventId::new(),
+            event_id: work.key.event_id("published"),
             version: version.clone(),
             location: format!("{}/", Store::model_prefix(&version)),
             sha256: stored.sha256.clone(),
@@ -302,10 +302,6 @@ impl Worker {
             at: chrono::Utc::now(),
         };
         self.bus.publish(&event).await.map_err(|e| Failure::Transient(format!("announcing {version} failed: {e}")))?;
-        delivery.ack().await.map_err(|e| {
-            // The version is stored and announced; a redelivery finishes from the store.
-            Failure::Transient(format!("acknowledging the request failed: {e}"))
-        })?;
         info!(
             %version,
             accuracy = stored.metrics.accuracy,
@@ -377,10 +373,9 @@ impl Worker {
     }
 
     /// Decodes, trains, evaluates and exports on a blocking thread, while this task
-    /// publishes progress, keeps the delivery alive and watches for shutdown.
+    /// publishes progress and watches for shutdown (the runner keeps the delivery alive).
     async fn train_off_runtime(
         &self,
-        delivery: &Delivery<TrainRequest>,
         request: &TrainRequest,
         run_id: RunId,
         hp: Hyperparameters,
@@ -404,8 +399,6 @@ impl Worker {
         });
 
         let bar = progress_bar(self.config.progress_bar);
-        let mut keepalive = tokio::time::interval(keepalive_period(self.config.ack_wait));
-        keepalive.tick().await;
         let mut phase = "training";
         let mut last: Option<Progress> = None;
         let result = loop {
@@ -428,11 +421,6 @@ impl Worker {
                     }
                 },
                 r = &mut job => break r,
-                _ = keepalive.tick() => {
-                    if let Err(e) = delivery.in_progress().await {
-                        warn!(error = %e, "Could not extend the delivery's ack wait.");
-                    }
-                }
             }
         };
         if let Some(bar) = bar {
@@ -495,11 +483,6 @@ impl Worker {
             warn!(error = %e, "Could not publish train.progress.");
         }
     }
-}
-
-/// In-progress signals go out at a third of the ack wait (at least every 100 ms).
-fn keepalive_period(ack_wait: Duration) -> Duration {
-    (ack_wait / 3).max(Duration::from_millis(100))
 }
 
 fn progress_bar(setting: ProgressBar) -> Option<indicatif::ProgressBar> {

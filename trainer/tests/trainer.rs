@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use mnistflow_integration::{NatsServer, mnist_dir, wait_until};
 use mnistflow_nats::{
     Bus, DatasetFile, DatasetId, EventId, Message, ModelPublished, NatsConfig, Received, TrainFailed, TrainProgress,
@@ -482,4 +483,61 @@ fn every_optimizer_learns_and_a_time_limit_ends_training_early() {
     assert!(trained.stats.stopped_early.is_some());
     assert!(trained.stats.train_secs < 10.0, "{}", trained.stats.train_secs);
     assert!(trained.stats.steps > 0 && trained.stats.examples < 50 * 60_000);
+}
+
+/// How many messages the events stream holds on `subject`.
+async fn stored_on(bus: &Bus, subject: &str) -> u64 {
+    let stream = bus.jetstream().get_stream("MNIST_EVENTS").await.unwrap();
+    let counts: Vec<(String, usize)> =
+        futures::TryStreamExt::try_collect(stream.info_with_subjects(subject).await.unwrap()).await.unwrap();
+    counts.iter().map(|(_, n)| *n as u64).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_written_request_without_an_event_id_redelivered_after_a_crash_before_the_ack_yields_one_version_and_one_published()
+ {
+    // The state a trainer leaves when it is killed after storing the version and
+    // announcing it but before the ack: the request, written as people write it
+    // (no event_id), is still in the work queue and will be delivered again.
+    let rig = Rig::start().await;
+    let raw = r#"{"epochs":1,"max_train_examples":2000}"#;
+    let subject = rig.bus.subjects().full(TrainRequest::SUBJECT);
+    let ack = rig.bus.jetstream().publish(subject, raw.into()).await.unwrap().await.unwrap();
+    let key = mnistflow_nats::DeliveryKey::new(ack.sequence, raw.as_bytes());
+    let mut stored = ModelMetadata::new(mnistflow_nats::ModelVersion::generate());
+    stored.metrics.accuracy = 0.99;
+    stored.extra.insert("request_id".into(), serde_json::json!(key.command_id()));
+    let stored = rig.store.publish_model(bytes::Bytes::from_static(b"torchscript"), stored).await.unwrap();
+    let first_answer = ModelPublished {
+        event_id: key.event_id("published"),
+        version: stored.version.clone(),
+        location: String::new(),
+        sha256: stored.sha256.clone(),
+        metrics: stored.metrics.clone(),
+        dataset_id: None,
+        run_id: None,
+        request_id: Some(key.command_id()),
+        hyperparameters: serde_json::Value::Null,
+        promoted: true,
+        promotion: "the attempt that crashed".into(),
+        at: chrono::Utc::now(),
+    };
+    rig.bus.publish(&first_answer).await.unwrap();
+    let mut progress = rig.bus.subscribe::<TrainProgress>().await.unwrap();
+    let mut published = rig.bus.subscribe::<ModelPublished>().await.unwrap();
+
+    let (metrics, stop, task) = rig.spawn_worker(&[]);
+    let event = next_matching(&mut published, LONG, |e| e.request_id == Some(key.command_id())).await;
+
+    assert_eq!(event.version, stored.version, "the redelivery finished the stored version");
+    assert_eq!(rig.store.list_models().await.unwrap().len(), 1, "no second version");
+    assert_eq!(event.event_id, first_answer.event_id, "the answer's id derives from the delivery");
+    wait_until("the request to be acknowledged", LONG, || async {
+        (consumer_info(&rig.bus).await.num_pending == 0 && metrics.runs(Outcome::Published) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(stored_on(&rig.bus, "mnist.model.published").await, 1, "model.published stored once");
+    assert!(progress.next().now_or_never().is_none(), "it trained again");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
 }
