@@ -300,11 +300,20 @@ async fn shutdown_answers_the_requests_in_flight_then_stops_within_the_deadline(
     let app = world.start(&[("INFERENCE_MAX_BATCH", "1"), ("INFERENCE_MAX_WAIT_MS", "0")], true).await;
     let url = app.url("/v1/predict");
     let in_flight: Vec<_> = (0..6).map(|_| tokio::spawn(post(&url, Some("image/png"), small_png()))).collect();
-    // Shut down once the requests are queued (each forward pass of this model takes tens of ms).
+    // Shut down once all six requests are in the server (queued, or counted as a batch
+    // when their forward pass began) and some still wait: each forward pass of this
+    // model takes tens of ms. A request the server never read is not "in flight".
     let service = app.app().service().clone();
-    mnistflow_integration::wait_until("requests to queue", Duration::from_secs(10), || {
+    mnistflow_integration::wait_until("all six requests to reach the batcher", Duration::from_secs(20), || {
         let depth = service.batcher.depth();
-        async move { (depth >= 2).then_some(()) }
+        let batches: i64 = service
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("inference_batch_size_count "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        async move { (depth >= 1 && depth + batches >= 6).then_some(()) }
     })
     .await;
     drop(service);
