@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
+use tracing::info;
+
 use crate::bus::BusError;
 use crate::subjects::{self, EVENT_SUBJECTS, Subjects};
 
@@ -74,12 +76,13 @@ pub fn work_consumer(suffix: &str) -> Option<&'static WorkConsumer> {
     WORK_CONSUMERS.iter().find(|c| c.suffix == suffix)
 }
 
-/// The configuration of each stream.
-pub fn stream_configs(subjects: &Subjects) -> Vec<stream::Config> {
+/// The configuration of each stream, held by `replicas` servers
+/// (`NATS_STREAM_REPLICAS`: 1 on one server, 3 on the three-server cluster).
+pub fn stream_configs(subjects: &Subjects, replicas: usize) -> Vec<stream::Config> {
     let base = stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
     vec![
@@ -131,18 +134,30 @@ pub fn work_consumer_config(
     }
 }
 
-/// Creates the streams, or updates them to the current configuration, then
-/// creates every durable consumer of [`WORK_CONSUMERS`] that does not exist yet
-/// (an existing one keeps the settings its stage gave it).
+/// Creates the streams, or updates them in place to the current configuration
+/// (a deployment that moves from one server to a cluster raises the replicas of
+/// the streams it already has, messages and consumers kept), then creates every
+/// durable consumer of [`WORK_CONSUMERS`] that does not exist yet (an existing
+/// one keeps the settings its stage gave it; its replicas follow the stream's).
 ///
 /// # Errors
-/// The server refused (JetStream disabled, or a conflicting stream owns a subject).
-pub async fn ensure(js: &jetstream::Context, subjects: &Subjects) -> Result<(), BusError> {
-    for config in stream_configs(subjects) {
+/// The server refused (JetStream disabled, a conflicting stream owns a subject,
+/// or fewer servers than `replicas` run JetStream).
+pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usize) -> Result<(), BusError> {
+    for config in stream_configs(subjects, replicas) {
         let name = config.name.clone();
+        let before = match js.get_stream(&name).await {
+            Ok(mut stream) => stream.info().await.ok().map(|i| i.config.num_replicas),
+            Err(_) => None,
+        };
         js.create_or_update_stream(config)
             .await
-            .map_err(|e| BusError::Stream(format!("creating or updating stream {name}: {e}")))?;
+            .map_err(|e| BusError::Stream(format!("creating or updating stream {name} ({replicas} replicas): {e}")))?;
+        if let Some(before) = before
+            && before != replicas
+        {
+            info!(stream = %name, before, replicas, "Stream replicas changed in place.");
+        }
     }
     for c in &WORK_CONSUMERS {
         let name = subjects.stream_name(c.stream);
