@@ -252,13 +252,22 @@ impl Bus {
         };
         let (durable, name) = (def.durable, self.subjects.stream_name(def.stream));
         let stream = self.js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
-        let mut config = streams::work_consumer_config(&self.subjects, M::SUBJECT, durable, options.max_deliver);
+        let mut config = streams::work_consumer_config(
+            &self.subjects,
+            M::SUBJECT,
+            durable,
+            options.max_deliver,
+            self.stream_replicas,
+        );
         config.ack_wait = options.ack_wait;
         let fail = |e: &dyn std::fmt::Display| BusError::Stream(format!("consumer {durable} on {name}: {e}"));
         let mut consumer: PullConsumer =
             stream.get_or_create_consumer(durable, config.clone()).await.map_err(|e| fail(&e))?;
         let current = &consumer.cached_info().config;
-        if current.ack_wait != options.ack_wait || current.max_deliver != options.max_deliver {
+        if current.ack_wait != options.ack_wait
+            || current.max_deliver != options.max_deliver
+            || current.num_replicas.max(1) != self.stream_replicas
+        {
             info!(
                 consumer = durable,
                 ack_wait_ms = options.ack_wait.as_millis() as u64,

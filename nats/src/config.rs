@@ -249,7 +249,10 @@ mod tests {
     #[test]
     fn a_cluster_is_three_urls_and_three_replicas() {
         let c = NatsConfig::from_lookup(env(&[
-            ("NATS_URL", "nats://nats-0.nats-headless:4222,nats://nats-1.nats-headless:4222, nats://nats-2.nats-headless:4222"),
+            (
+                "NATS_URL",
+                "nats://nats-0.nats-headless:4222,nats://nats-1.nats-headless:4222, nats://nats-2.nats-headless:4222",
+            ),
             ("NATS_STREAM_REPLICAS", "3"),
             ("NATS_PUBLISH_RETRY_SECS", "2.5"),
             ("NATS_RETAIN_SERVERS_ORDER", "true"),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::bus::BusError;
 use crate::subjects::{self, EVENT_SUBJECTS, Subjects};
@@ -121,6 +121,7 @@ pub fn work_consumer_config(
     suffix: &str,
     durable: &str,
     max_deliver: i64,
+    replicas: usize,
 ) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(durable.to_owned()),
@@ -130,8 +131,15 @@ pub fn work_consumer_config(
         ack_wait: DEFAULT_ACK_WAIT,
         max_deliver,
         max_ack_pending: 64,
+        num_replicas: replicas,
         ..Default::default()
     }
+}
+
+/// A consumer's configured replicas, 0 meaning "as its stream" (which, for a
+/// consumer created before its stream was scaled, is not what it has).
+fn effective_replicas(configured: usize) -> usize {
+    configured.max(1)
 }
 
 /// Creates the streams, or updates them in place to the current configuration
@@ -162,11 +170,42 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usiz
     for c in &WORK_CONSUMERS {
         let name = subjects.stream_name(c.stream);
         let stream = js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
-        let config = work_consumer_config(subjects, c.suffix, c.durable, c.max_deliver);
-        stream
-            .get_or_create_consumer::<consumer::pull::Config>(c.durable, config)
-            .await
-            .map_err(|e| BusError::Stream(format!("creating consumer {} on {name}: {e}", c.durable)))?;
+        let fail = |e: &dyn std::fmt::Display| BusError::Stream(format!("consumer {} on {name}: {e}", c.durable));
+        match stream.get_consumer::<consumer::pull::Config>(c.durable).await {
+            Ok(existing) => {
+                // Raised explicitly, its other settings kept: seen here on
+                // nats-server 2.15.1, a consumer this crate created on a stream of
+                // one replica stayed on one server after the stream was raised to
+                // three, and died with that server (the cluster test's first run).
+                let mut config = existing.cached_info().config.clone();
+                if effective_replicas(config.num_replicas) != replicas {
+                    let before = config.num_replicas;
+                    config.num_replicas = replicas;
+                    // The stream's new replica count reaches the consumer's check a
+                    // moment after the stream update returns ("replica count exceeds
+                    // parent stream"): a few tries, 10 s at most.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        match stream.update_consumer(config.clone()).await {
+                            Ok(_) => break,
+                            Err(e) if tokio::time::Instant::now() < deadline => {
+                                debug!(consumer = c.durable, error = %e, "Consumer update refused for now; retrying.");
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
+                            Err(e) => return Err(fail(&e)),
+                        }
+                    }
+                    info!(consumer = c.durable, stream = %name, before, replicas, "Consumer replicas changed in place.");
+                }
+            }
+            Err(_) => {
+                let config = work_consumer_config(subjects, c.suffix, c.durable, c.max_deliver, replicas);
+                stream
+                    .get_or_create_consumer::<consumer::pull::Config>(c.durable, config)
+                    .await
+                    .map_err(|e| fail(&e))?;
+            }
+        }
     }
     Ok(())
 }

@@ -205,7 +205,11 @@ async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiEr
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(250));
         } else {
-            info!(attempt, wait_ms = wait.as_millis() as u64, "No reply within the attempt's timeout; sending it again.");
+            info!(
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "No reply within the attempt's timeout; sending it again."
+            );
         }
     };
     let seconds = started.elapsed().as_secs_f64();
