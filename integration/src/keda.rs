@@ -50,11 +50,13 @@ pub fn jetstream_lag_clustered(
     consumer: &str,
 ) -> Result<(u64, String), String> {
     let first = get_json(endpoint, &jsz_path(account))?;
-    let (lag, _) = lag_in(&first, account, stream, consumer)?;
+    // On a cluster the endpoint's answer may lack the stream (one of fewer
+    // replicas than servers): KEDA goes on to the other servers.
+    let endpoint_answer = lag_in(&first, account, stream, consumer).map(|(lag, _)| lag);
     let varz = get_json(endpoint, "/varz")?;
     let endpoint_name = varz["server_name"].as_str().unwrap_or_default().to_owned();
     if first["meta_cluster"]["cluster_size"].as_u64().unwrap_or(0) <= 1 {
-        return Ok((lag, endpoint_name));
+        return Ok((endpoint_answer?, endpoint_name));
     }
     let (scheme_host, port) = endpoint.rsplit_once(':').ok_or(format!("{endpoint}: no port"))?;
     let scheme = scheme_host.split("://").next().unwrap_or("http");
@@ -95,7 +97,7 @@ pub fn jetstream_lag_clustered(
             }
         }
     }
-    Ok((lag, endpoint_name))
+    Ok((endpoint_answer?, endpoint_name))
 }
 
 /// The `server_name` of `consumer`'s leader as the server at `monitoring_url`
