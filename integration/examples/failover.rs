@@ -139,7 +139,10 @@ async fn main() -> anyhow::Result<()> {
         for stream in [streams::EVENTS, streams::TRAIN, streams::COMMANDS] {
             let name = stack.bus.subjects().stream_name(stream);
             wait(&format!("{name} current on three servers"), Duration::from_secs(60), || {
-                cluster.stream_replicas(&name).ok().filter(|(n, f)| *n == 3 && f.len() == 2 && f.iter().all(|(_, c)| *c))
+                cluster
+                    .stream_replicas(&name)
+                    .ok()
+                    .filter(|(n, f)| *n == 3 && f.len() == 2 && f.iter().all(|(_, c)| *c))
             })
             .await?;
         }

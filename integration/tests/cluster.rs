@@ -279,3 +279,48 @@ fn trainer_consumer_leader(cluster: &NatsCluster, stream: &str) -> Option<String
         keda::consumer_leader(&cluster.monitoring_url(i), "$G", stream, TRAINER_CONSUMER).ok().filter(|l| !l.is_empty())
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_published_while_their_streams_leader_dies_are_each_stored_once() {
+    let mut cluster = NatsCluster::start();
+    let config = NatsConfig::from_lookup(|k| match k {
+        "NATS_URL" => Some(cluster.urls_from(0)),
+        "NATS_STREAM_REPLICAS" => Some("3".into()),
+        _ => None,
+    })
+    .unwrap();
+    let bus = Bus::connect(&config, &CancellationToken::new()).await.unwrap();
+    bus.ensure_streams().await.unwrap();
+    wait_replicas_current(&cluster, &bus, Duration::from_secs(20)).await;
+    let train_stream = bus.subjects().stream_name(streams::TRAIN);
+
+    // A publisher sending training requests one after another (no trainer runs:
+    // they stay queued) while the stream's leader is killed under it.
+    let publisher = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for _ in 0..150 {
+                let request = TrainRequest { event_id: EventId::new(), ..Default::default() };
+                let started = Instant::now();
+                let outcome = bus.publish(&request).await.map_err(|e| e.to_string());
+                sent.push((request.event_id, started.elapsed(), outcome));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader = cluster.stream_leader(&train_stream).unwrap();
+    cluster.kill(cluster.index_of(&leader).unwrap());
+    let sent = publisher.await.unwrap();
+
+    let failed: Vec<_> = sent.iter().filter_map(|(_, _, o)| o.as_ref().err()).collect();
+    let slowest = sent.iter().map(|(_, d, _)| *d).max().unwrap_or_default();
+    eprintln!("{train_stream}: leader {leader} killed; {} publishes, slowest {slowest:?}", sent.len());
+    assert!(failed.is_empty(), "{} publishes failed across the election, e.g. {:?}", failed.len(), failed.first());
+    // Stored once each: as many messages as publishes, none twice (Nats-Msg-Id).
+    let mut stream = bus.jetstream().get_stream(&train_stream).await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    assert_eq!(stored, sent.len() as u64, "{stored} requests stored for {} published", sent.len());
+}
