@@ -3,6 +3,9 @@
 //! - [`NatsServer`]: a real `nats-server` with JetStream on a random port and a
 //!   temporary store directory, killed and cleaned on drop; stoppable and
 //!   restartable on the same port for fault tests.
+//! - [`NatsCluster`]: three real `nats-server`s clustered with JetStream on
+//!   127.0.0.1, 127.0.0.2 and 127.0.0.3 (same ports), each killable (SIGKILL)
+//!   and restartable; which server leads a stream, whether its replicas are current.
 //! - [`MirrorServer`]: a local HTTP file server standing in for an MNIST mirror,
 //!   which misbehaves on demand ([`Fault`]: status codes, truncated or replaced
 //!   bodies, slow bodies) and honours `Range` requests.
@@ -15,9 +18,11 @@
 pub mod browser;
 pub mod keda;
 mod mirror;
+mod nats_cluster;
 mod nats_server;
 
 pub use mirror::{Fault, MirrorServer};
+pub use nats_cluster::NatsCluster;
 pub use nats_server::NatsServer;
 
 use std::path::PathBuf;

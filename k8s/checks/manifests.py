@@ -21,8 +21,21 @@
   env        every environment variable the services' code reads is set by the
              ConfigMap/Secret or a container, or listed in base/optional-env.txt;
              every key we set is read by some code; no stale optional entries
-  nats       the NATS server accepts the rendered nats.conf and, started with it,
-             enforces the Secret's credentials and serves JetStream + monitoring
+  nats-cluster  in every overlay the StatefulSet is a cluster that survives a lost
+             server: routes to each replica under the headless Service (route port,
+             not-ready pods published), a cluster name, an odd count, Parallel start,
+             a PDB that keeps the quorum, one server per node and spread over zones,
+             JetStream's store_dir on the per-server volume within its size, the
+             lame-duck preStop on the configured pid file (on a writable volume),
+             NATS_URL naming every server and NATS_STREAM_REPLICAS equal to the
+             servers, and KEDA's endpoint on the headless Service
+  nats       the real nats-server accepts the rendered nats-config (nats.conf and
+             the cluster.conf it includes) and, one server per replica on 127.0.0.1-3
+             with the same ports and the routes' names resolved there, forms one
+             JetStream cluster (meta group of nats-0..2), enforces the Secret's
+             credentials and serves monitoring; the preStop command puts a server in
+             lame duck mode (its client is told); the local overlay's single server
+             starts healthy
   ports      every containerPort and probe port matches the port the ConfigMap
              tells the service to listen on; image tags match the workspace version
   store      every stage that reads STORE_URL gets the store: a path is a mounted
@@ -348,48 +361,109 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class NatsUnderTest:
-    """nats-server started with the rendered nats.conf (the cluster's) on loopback ports."""
+HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 
-    def __init__(self, rendered: dict[str, list[dict]], tmp: Path):
-        base = rendered["base"]
-        conf = config_map(base, "nats-config")["data"]["nats.conf"]
-        self.secret = next(d for d in base if d["kind"] == "Secret")["stringData"]
-        self.path = tmp / "nats.conf"
-        self.path.write_text(conf.replace("/data/jetstream", f"{tmp}/jetstream"))
-        self.env = {**os.environ, "POD_NAME": "nats-0", "NATS_USER": self.secret["NATS_USER"],
-                    "NATS_PASSWORD": self.secret["NATS_PASSWORD"]}
-        self.client, self.monitor = free_port(), free_port()
-        self.child = None
+
+def free_port_on_all(used: set[int]) -> int:
+    """A port nothing listens on at any of HOSTS (the servers share ports, as pods do)."""
+    for _ in range(100):
+        port = free_port()
+        if port in used:
+            continue
+        try:
+            for host in HOSTS[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        used.add(port)
+        return port
+    raise SystemExit(f"no port free on all of {HOSTS}")
+
+
+class NatsUnderTest:
+    """The StatefulSet's servers started with the rendered nats-config (every file
+    of it: nats.conf includes cluster.conf), one per loopback address on the same
+    ports, each with its own store directory; the routes' pod names
+    (nats-N.nats-headless) resolve to 127.0.0.(N+1), as /etc/hosts would."""
+
+    def __init__(self, rendered: dict[str, list[dict]], tmp: Path, overlay: str = "base"):
+        docs = rendered[overlay]
+        self.files = config_map(docs, "nats-config")["data"]
+        self.secret = next(d for d in rendered["base"] if d["kind"] == "Secret")["stringData"]
+        sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats")
+        self.replicas = sts["spec"].get("replicas", 1)
+        self.service = sts["spec"]["serviceName"]
+        nats_c = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "nats")
+        self.pre_stop = ((nats_c.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command", [])
+        used: set[int] = set()
+        self.client, self.monitor, self.route = free_port_on_all(used), free_port_on_all(used), free_port_on_all(used)
+        self.dirs = []
+        for i in range(self.replicas):
+            folder = tmp / f"nats-{i}"
+            folder.mkdir()
+            for name, text in self.files.items():
+                text = text.replace("/data/jetstream", f"{folder}/jetstream").replace("/var/run/nats", str(folder))
+                text = re.sub(r"nats-(\d+)\.%s:6222" % re.escape(self.service),
+                              lambda m: f"{HOSTS[int(m.group(1)) % len(HOSTS)]}:{self.route}", text)
+                (folder / name).write_text(text)
+            self.dirs.append(folder)
+        self.path = self.dirs[0] / "nats.conf"
+        self.children: list[subprocess.Popen] = []
+
+    def env(self, i: int) -> dict[str, str]:
+        return {**os.environ, "POD_NAME": f"nats-{i}", "NATS_USER": self.secret["NATS_USER"],
+                "NATS_PASSWORD": self.secret["NATS_PASSWORD"]}
+
+    def urls(self) -> str:
+        return ",".join(f"nats://{HOSTS[i]}:{self.client}" for i in range(self.replicas))
 
     def test_config(self) -> str | None:
-        proc = subprocess.run([str(NATS_BIN), "-t", "-c", str(self.path)], capture_output=True, text=True, env=self.env)
-        return None if proc.returncode == 0 else proc.stderr.strip()
-
-    def start(self) -> dict | None:
-        self.child = subprocess.Popen(
-            [str(NATS_BIN), "-c", str(self.path), "-a", "127.0.0.1", "-p", str(self.client), "-m", str(self.monitor)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/healthz?js-enabled-only=true", timeout=1) as r:
-                    return json.load(r)
-            except OSError:
-                time.sleep(0.1)
+        for i, folder in enumerate(self.dirs):
+            proc = subprocess.run([str(NATS_BIN), "-t", "-c", str(folder / "nats.conf")], capture_output=True,
+                                  text=True, env=self.env(i))
+            if proc.returncode != 0:
+                return proc.stderr.strip()
         return None
 
-    def stop(self) -> None:
-        if self.child:
-            self.child.terminate()
-            try:
-                self.child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
+    def get(self, i: int, path: str) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://{HOSTS[i]}:{self.monitor}{path}", timeout=2) as r:
+                return json.load(r)
+        except (OSError, ValueError):
+            return None
 
-    def connect(self, user: str, password: str) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.client), timeout=5) as s:
+    def start(self) -> dict | None:
+        """Starts every server; the first's /healthz once all are healthy (a
+        clustered server is healthy once JetStream's meta group has formed)."""
+        for i, folder in enumerate(self.dirs):
+            args = ["-c", str(folder / "nats.conf"), "-a", HOSTS[i], "-p", str(self.client), "-m", str(self.monitor)]
+            if self.replicas > 1:
+                args += ["--cluster", f"nats://{HOSTS[i]}:{self.route}"]
+            log = open(folder / "server.log", "w")
+            self.children.append(subprocess.Popen([str(NATS_BIN), *args], env=self.env(i), stdout=log, stderr=log))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            health = [self.get(i, "/healthz") for i in range(self.replicas)]
+            if all(h and h.get("status") == "ok" for h in health):
+                return health[0]
+            time.sleep(0.2)
+        return None
+
+    def log(self, i: int) -> str:
+        return "\n".join((self.dirs[i] / "server.log").read_text(errors="replace").splitlines()[-10:])
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def connect(self, user: str, password: str, i: int = 0, after_ping: bytes = b"") -> bytes:
+        with socket.create_connection((HOSTS[i], self.client), timeout=5) as s:
             s.recv(4096)  # INFO
             s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"user":%s,"pass":%s}\r\nPING\r\n'
                       % (json.dumps(user).encode(), json.dumps(password).encode()))
@@ -402,6 +476,100 @@ class NatsUnderTest:
             return answer
 
 
+def nats_cluster_shape(rendered: dict[str, list[dict]]) -> None:
+    """What makes the StatefulSet a cluster that survives one lost server, checked
+    in every overlay: routes to each replica by its name under the headless Service
+    (which carries the route port and publishes not-ready pods), a cluster name,
+    JetStream on the per-server volume within its size, clients given every server
+    and streams as many replicas as there are servers, a PDB that keeps the quorum,
+    one server per node, the lame-duck preStop on the configured pid file, and
+    KEDA's endpoint on the headless Service."""
+    print("nats-cluster", flush=True)
+    for name, docs in rendered.items():
+        sts = next((d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats"), None)
+        if sts is None:
+            continue
+        spec = sts["spec"]
+        replicas = spec.get("replicas", 1)
+        pod = spec["template"]["spec"]
+        c = next(c for c in pod["containers"] if c["name"] == "nats")
+        files = (config_map(docs, "nats-config") or {}).get("data", {})
+        conf = "\n".join(files.values())
+        config = (config_map(docs, "mnistflow-config") or {}).get("data", {})
+        problems = []
+        headless = next((d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == spec["serviceName"]), None)
+        if headless is None or headless["spec"].get("clusterIP") != "None":
+            problems.append(f"serviceName {spec['serviceName']} is not a headless Service")
+        routes = sorted(set(re.findall(r"nats-route://([\w.-]+):(\d+)", conf)))
+        want = sorted({(f"nats-{i}.{spec['serviceName']}", "6222") for i in range(replicas)}) if replicas > 1 else []
+        if routes != want:
+            problems.append(f"routes {routes} are not one per replica under {spec['serviceName']} ({want})")
+        if replicas > 1:
+            if not re.search(r"cluster\s*\{[^}]*\bname:\s*\S+", conf):
+                problems.append("no cluster name")
+            if replicas % 2 == 0:
+                problems.append(f"{replicas} servers: an even count adds no fault tolerance")
+            ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            if ports.get("cluster") != 6222 or not headless or not any(p.get("port") == 6222 for p in headless["spec"]["ports"]):
+                problems.append("the route port 6222 is not on the container and the headless Service")
+            if not (headless or {}).get("spec", {}).get("publishNotReadyAddresses"):
+                problems.append("the headless Service hides not-ready pods: the servers cannot find each other to become ready")
+            if spec.get("podManagementPolicy") != "Parallel":
+                problems.append("podManagementPolicy is not Parallel: nats-0 waits for a quorum that nats-1 never joins")
+            pdb = next((d for d in docs if d["kind"] == "PodDisruptionBudget"
+                        and d["spec"]["selector"].get("matchLabels", {}).items() <= spec["selector"]["matchLabels"].items()
+                        and d["spec"]["selector"].get("matchLabels")), None)
+            quorum = replicas // 2 + 1
+            if pdb is None:
+                problems.append("no PodDisruptionBudget for the NATS pods")
+            else:
+                allowed = pdb["spec"].get("maxUnavailable", replicas - pdb["spec"].get("minAvailable", 0))
+                if not isinstance(allowed, int) or replicas - allowed < quorum or allowed < 1:
+                    problems.append(f"PDB {pdb['metadata']['name']} lets {allowed} of {replicas} go (quorum {quorum}) or blocks every drain")
+            anti = (((pod.get("affinity") or {}).get("podAntiAffinity") or {})
+                    .get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+            if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+                       and t.get("labelSelector", {}).get("matchLabels", {}).items() <= spec["selector"]["matchLabels"].items()
+                       for t in anti):
+                problems.append("no required anti-affinity per node: two servers on one node lose the quorum with it")
+            if not any(t.get("topologyKey") == "topology.kubernetes.io/zone" for t in pod.get("topologySpreadConstraints", [])):
+                problems.append("no spread over zones")
+        store = re.search(r"store_dir:\s*\"?([^\s\"]+)", conf)
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        claim = next((t for t in spec.get("volumeClaimTemplates", []) if t["metadata"]["name"] == "data"), None)
+        if not store or not claim or not store.group(1).startswith(mounts.get("data", "/nonexistent") + "/"):
+            problems.append("JetStream's store_dir is not on the per-server volume (volumeClaimTemplate data)")
+        else:
+            size = claim["spec"]["resources"]["requests"]["storage"]
+            units = {"Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+            m_file = re.search(r"max_file_store:\s*(\d+)(\w+)", conf)
+            m_size = re.fullmatch(r"(\d+)(\w+)", size)
+            if m_file and m_size and int(m_file.group(1)) * units[m_file.group(2)] > int(m_size.group(1)) * units[m_size.group(2)]:
+                problems.append(f"max_file_store {m_file.group(0).split()[-1]} exceeds the volume ({size})")
+        pre = ((c.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command", [])
+        pid = re.search(r"pid_file:\s*\"?([^\s\"]+)", conf)
+        if not pid or pre[-1:] != [f"ldm={pid.group(1)}"] or "--signal" not in pre:
+            problems.append(f"preStop {pre} does not signal lame duck mode to pid_file {pid and pid.group(1)}")
+        elif not any(pid.group(1).startswith(m + "/") for m in mounts.values()):
+            problems.append(f"pid_file {pid.group(1)} is on the read-only root filesystem")
+        urls = [u for u in config.get("NATS_URL", "").split(",") if u.strip()]
+        if len(urls) != replicas:
+            problems.append(f"NATS_URL names {len(urls)} server(s) for {replicas}")
+        if config.get("NATS_STREAM_REPLICAS", "1") != str(replicas):
+            problems.append(f"NATS_STREAM_REPLICAS={config.get('NATS_STREAM_REPLICAS')} with {replicas} server(s)")
+        for job in (d for d in docs if d["kind"] == "ScaledJob"):
+            for trigger in job["spec"]["triggers"]:
+                if trigger["type"] == "nats-jetstream" and replicas > 1 and not trigger["metadata"][
+                        "natsServerMonitoringEndpoint"].startswith(spec["serviceName"] + "."):
+                    problems.append("KEDA's endpoint is not the headless Service (its /varz leads it to each server)")
+        for p in problems:
+            fail(f"{name}: StatefulSet/nats: {p}")
+        if not problems and name in ("base", "local"):
+            ok(f"{name}: NATS: {replicas} server(s), routes {[r[0] for r in routes]}, "
+               f"NATS_STREAM_REPLICAS={config.get('NATS_STREAM_REPLICAS', '1')}, store on its own volume, "
+               f"lame duck on preStop" + (", PDB keeps the quorum, one per node" if replicas > 1 else ""))
+
+
 def nats(nats_server: NatsUnderTest) -> bool:
     print("nats", flush=True)
     error = nats_server.test_config()
@@ -410,18 +578,57 @@ def nats(nats_server: NatsUnderTest) -> bool:
         return False
     health = nats_server.start()
     if not health or health.get("status") != "ok":
-        fail(f"NATS with nats.conf: /healthz?js-enabled-only=true answered {health!r}")
+        logs = "\n".join(nats_server.log(i) for i in range(nats_server.replicas))
+        fail(f"NATS with nats.conf: not every server's /healthz became ok within 30 s\n{logs}")
         return False
     secret = nats_server.secret
     good = nats_server.connect(secret["NATS_USER"], secret["NATS_PASSWORD"])
     bad = nats_server.connect(secret["NATS_USER"], "wrong")
-    with urllib.request.urlopen(f"http://127.0.0.1:{nats_server.monitor}/jsz", timeout=5) as r:
-        jsz = json.load(r)
-    if b"PONG" in good and b"Authorization Violation" in bad and "config" in jsz:
-        ok("nats.conf: valid; JetStream healthy; Secret's credentials accepted, wrong password refused; /jsz served")
-        return True
-    fail(f"nats.conf auth/monitoring: good={good[:80]!r} bad={bad[:80]!r} jsz keys={list(jsz)[:5]}")
-    return False
+    jsz = [nats_server.get(i, "/jsz") or {} for i in range(nats_server.replicas)]
+    if not (b"PONG" in good and b"Authorization Violation" in bad and all("config" in j for j in jsz)):
+        fail(f"nats.conf auth/monitoring: good={good[:80]!r} bad={bad[:80]!r} jsz keys={list(jsz[0])[:5]}")
+        return False
+    ok("nats.conf: valid; JetStream healthy; Secret's credentials accepted, wrong password refused; /jsz served")
+    if nats_server.replicas > 1:
+        meta = [(j.get("meta_cluster") or {}) for j in jsz]
+        # Each server lists the meta group's members but itself.
+        names = sorted({m.get("leader", "") for m in meta} | {r["name"] for m in meta for r in m.get("replicas", [])})
+        want = [f"nats-{i}" for i in range(nats_server.replicas)]
+        if any(m.get("cluster_size") != nats_server.replicas for m in meta) or names != want:
+            fail(f"the servers did not form one JetStream cluster of {want}: {meta}")
+            return False
+        routes = [len((nats_server.get(i, "/routez") or {}).get("routes", [])) for i in range(nats_server.replicas)]
+        ok(f"the rendered config forms one JetStream cluster: {', '.join(names)} (meta leader "
+           f"{meta[0].get('leader')}), routes per server {routes}")
+    return True
+
+
+def lame_duck(nats_server: NatsUnderTest) -> None:
+    """The preStop command, run as the pod would run it, puts the server in lame
+    duck mode: connected clients are told (INFO with ldm) and the server leaves."""
+    print("lame-duck", flush=True)
+    i = nats_server.replicas - 1
+    with socket.create_connection((HOSTS[i], nats_server.client), timeout=5) as s:
+        s.recv(4096)
+        secret = nats_server.secret
+        # protocol 1: a client that takes the server's later INFO messages (ldm among them).
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"user":%s,"pass":%s}\r\nPING\r\n'
+                  % (json.dumps(secret["NATS_USER"]).encode(), json.dumps(secret["NATS_PASSWORD"]).encode()))
+        # The pod's own preStop command, the binary and the pid file's folder mapped here.
+        command = [str(NATS_BIN) if a == "/nats-server" else a.replace("/var/run/nats", str(nats_server.dirs[i]))
+                   for a in nats_server.pre_stop]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        answer, deadline = b"", time.monotonic() + 10
+        s.settimeout(1)
+        while b'"ldm":true' not in answer and time.monotonic() < deadline:
+            try:
+                answer += s.recv(65536)
+            except OSError:
+                pass
+    if proc.returncode == 0 and b'"ldm":true' in answer:
+        ok(f"preStop's nats-server --signal ldm=<pid_file>: nats-{i} entered lame duck mode and told its clients")
+    else:
+        fail(f"preStop's lame duck signal: exit {proc.returncode} {proc.stderr.strip()[:200]}; client saw {answer[-200:]!r}")
 
 
 def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
@@ -951,7 +1158,7 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
         env = container_env(docs, c)
         # The cluster's addresses become this machine's: NATS on its loopback port, the
         # store volume a temporary directory, the service ports free loopback ports.
-        env["NATS_URL"] = f"nats://127.0.0.1:{nats_server.client}"
+        env["NATS_URL"] = nats_server.urls()
         if "STORE_URL" in env:
             env["STORE_URL"] = str(store)
         if "DOWNLOADER_TMP_DIR" in env:
@@ -1092,16 +1299,32 @@ def main() -> int:
         autopilot(rendered, out)
         gateway(rendered)
         flows(rendered)
+        nats_cluster_shape(rendered)
         if not NATS_BIN.exists():
             fail("nats-server missing: run scripts/setup")
         else:
             with tempfile.TemporaryDirectory(prefix="mnistflow-k8s-run-") as tmp:
                 nats_server = NatsUnderTest(rendered, Path(tmp))
                 try:
-                    if nats(nats_server) and "--run" in sys.argv:
-                        run(rendered, nats_server, Path(tmp))
+                    if nats(nats_server):
+                        if "--run" in sys.argv:
+                            run(rendered, nats_server, Path(tmp))
+                        lame_duck(nats_server)
                 finally:
                     nats_server.stop()
+                if "local" in rendered:
+                    (Path(tmp) / "local").mkdir()
+                    single = NatsUnderTest(rendered, Path(tmp) / "local", "local")
+                    try:
+                        print("nats (local overlay)", flush=True)
+                        error = single.test_config()
+                        health = None if error else single.start()
+                        if error or not health or health.get("status") != "ok":
+                            fail(f"local overlay: one server with its nats-config: {error or single.log(0)}")
+                        else:
+                            ok("local overlay: one server with its nats-config (no cluster block) is healthy with JetStream")
+                    finally:
+                        single.stop()
     if failures:
         print(f"{len(failures)} manifest check(s) failed", flush=True)
         return 1

@@ -14,11 +14,13 @@ so). Containers share a podman network on which every Service name resolves to
 the containers its selector picks, so `nats://nats:4222` means what it means in
 the cluster. Then it is driven as a user would:
 
-  1. NATS (the StatefulSet's container) starts; web, inference and the downloader
+  1. NATS (the StatefulSet's replicas, nats-0..N-1, each resolvable as
+     nats-N.<serviceName>) forms its cluster; web, inference and the downloader
      service (Deployments, one replica each) answer their liveness probes
   2. the downloader Job stores MNIST and queues a train.request
   3. KEDA's query (the ScaledJob trigger's stream and consumer, against the
-     monitoring endpoint it names) sees that request as lag
+     monitoring endpoint it names; on a cluster /varz there, then each advertised
+     server, the consumer leader's answer) sees that request as lag
   4. a trainer Job (the ScaledJob's template, started here as KEDA would)
      consumes it, trains, publishes and promotes a version, exits 0
   5. inference hot-reloads it (readiness 200) and answers /v1/predict with that
@@ -31,7 +33,7 @@ images come from the local build; NATS is the nats-server binary of the same
 version as the manifest's image, in our Debian base image (no Docker Hub here);
 the downloader reads a file:// mirror of the real files (no internet here); the
 trainer Job gets a short time limit and no accuracy floor (a CI-sized run);
-Deployments run one replica; the store claim is a directory that starts owned by
+Deployments run one replica (NATS runs as many as its StatefulSet says); the store claim is a directory that starts owned by
 root with mode 0755, as a new Filestore share does, and gets the pods' fsGroup as
 the kubelet gives it (the Filestore CSI driver's fsGroupPolicy is File).
 
@@ -304,10 +306,14 @@ class Cluster:
                 return False
         return True
 
-    def start(self, kind: str, name: str, overrides: dict[str, str] | None = None) -> tuple[str, dict]:
-        pod_name = f"{name}-0" if kind == "StatefulSet" else f"{name}-{kind.lower()}"
+    def start(self, kind: str, name: str, overrides: dict[str, str] | None = None, ordinal: int = 0) -> tuple[str, dict]:
+        pod_name = f"{name}-{ordinal}" if kind == "StatefulSet" else f"{name}-{kind.lower()}"
         self.init_containers(kind, name, pod_name)
         args, container = self.run_args(kind, name, pod_name, overrides or {}, [])
+        if kind == "StatefulSet":
+            # A StatefulSet's pod resolves as <pod>.<serviceName> (the routes use these names).
+            i = args.index("--network")
+            args[i:i] = ["--network-alias", f"{pod_name}.{self.object(kind, name)['spec']['serviceName']}"]
         cname = args[args.index("--name") + 1]
         subprocess.run(PODMAN + ["run", "-d"] + args, check=True, capture_output=True, text=True)
         self.containers.append(cname)
@@ -365,35 +371,69 @@ def probe_url(ip: str, container: dict, probe: str) -> str | None:
     return f"http://{ip}:{port_of(container, get['port'])}{get['path']}" if get else None
 
 
-def keda_lag(cluster: Cluster, monitor_ip: str) -> tuple[int | None, str]:
-    """What the ScaledJob's nats-jetstream trigger would read (KEDA 2.20, one server)."""
+def keda_lag(cluster: Cluster, nats_ips: list[str]) -> tuple[int | None, str]:
+    """What the ScaledJob's nats-jetstream trigger would read (KEDA 2.20): /jsz on its
+    endpoint (the headless Service: any server); on a cluster, /varz there, then
+    each advertised server's /varz and /jsz, and the consumer leader's answer."""
     meta = cluster.object("ScaledJob", "trainer")["spec"]["triggers"][0]["metadata"]
     port = meta["natsServerMonitoringEndpoint"].rsplit(":", 1)[1]
     host = meta["natsServerMonitoringEndpoint"].split(".")[0]
-    status, body = http("GET", f"http://{monitor_ip}:{port}/jsz?acc={meta['account']}&consumers=true&config=true")
-    if status != 200:
-        return None, f"GET {host}:{port}/jsz answered {status}"
-    for acc in json.loads(body).get("account_details", []):
-        if acc["name"] != meta["account"]:
-            continue
-        for stream in acc.get("stream_detail", []):
-            if stream["name"] != meta["stream"]:
+    query = f"/jsz?acc={meta['account']}&consumers=true&config=true"
+
+    def consumer(ip: str) -> tuple[dict | None, dict, str]:
+        status, body = http("GET", f"http://{ip}:{port}{query}")
+        if status != 200:
+            return None, {}, f"GET {host}:{port}/jsz answered {status}"
+        jsz = json.loads(body)
+        for acc in jsz.get("account_details", []):
+            if acc["name"] != meta["account"]:
                 continue
-            for c in stream.get("consumer_detail", []):
-                if c["name"] == meta["consumer"]:
-                    return c["num_pending"] + c["num_ack_pending"], f"{meta['stream']}/{meta['consumer']} via {host}:{port}"
-            return None, f"consumer {meta['consumer']!r} not found in stream {meta['stream']!r} (KEDA 2.20: an error, no Job)"
-    return None, f"stream {meta['stream']!r} not found in account {meta['account']!r}"
+            for stream in acc.get("stream_detail", []):
+                if stream["name"] != meta["stream"]:
+                    continue
+                for c in stream.get("consumer_detail", []):
+                    if c["name"] == meta["consumer"]:
+                        return c, jsz, ""
+                return None, jsz, f"consumer {meta['consumer']!r} not found in stream {meta['stream']!r} (KEDA 2.20: an error, no Job)"
+        return None, jsz, f"stream {meta['stream']!r} not found in account {meta['account']!r}"
+
+    first, jsz, error = consumer(nats_ips[0])
+    lag = lambda c: c["num_pending"] + c["num_ack_pending"]  # noqa: E731
+    # Like KEDA, a first answer without the stream is no error on a cluster: a
+    # stream of fewer replicas than servers lives on some of them only.
+    if (jsz.get("meta_cluster") or {}).get("cluster_size", 1) <= 1:
+        return (lag(first), f"{meta['stream']}/{meta['consumer']} via {host}:{port}") if first else (None, error)
+    status, body = http("GET", f"http://{nats_ips[0]}:{port}/varz")
+    for url in json.loads(body).get("connect_urls", []) if status == 200 else []:
+        ip = url.split(":")[0]
+        status, varz = http("GET", f"http://{ip}:{port}/varz")
+        name = json.loads(varz).get("server_name") if status == 200 else None
+        c, _, _ = consumer(ip)
+        if c and name and c.get("cluster", {}).get("leader") == name:
+            return lag(c), f"{meta['stream']}/{meta['consumer']} via {host}:{port}, from its leader {name}"
+    if first:
+        return lag(first), f"{meta['stream']}/{meta['consumer']} via {host}:{port} (no advertised server claims its leadership)"
+    return None, error or f"no server advertised by {host}:{port}/varz leads {meta['consumer']!r}"
 
 
 def rehearse(cluster: Cluster) -> None:
     t = time.monotonic()
-    nats, nats_c = cluster.start("StatefulSet", "nats")
-    nats_ip = cluster.ip(nats)
-    if not wait_for("NATS' startup probe", 30, lambda: http("GET", probe_url(nats_ip, nats_c, "startupProbe"))[0] == 200):
-        fail(f"NATS never became healthy\n{cluster.logs(nats)}")
-        return
-    ok("StatefulSet/nats: the rendered nats.conf, the Secret's credentials, JetStream on its volume", t)
+    replicas = cluster.object("StatefulSet", "nats")["spec"].get("replicas", 1)
+    servers = [cluster.start("StatefulSet", "nats", ordinal=i) for i in range(replicas)]
+    nats_ips = [cluster.ip(cname) for cname, _ in servers]
+    for (cname, c), ip in zip(servers, nats_ips):
+        if not wait_for("NATS' startup probe", 60, lambda: http("GET", probe_url(ip, c, "startupProbe"))[0] == 200):
+            fail(f"{cname} never became healthy\n{cluster.logs(cname)}")
+            return
+    if replicas > 1:
+        status, body = http("GET", f"http://{nats_ips[0]}:{port_of(servers[0][1], 'monitor')}/jsz")
+        size = (json.loads(body).get("meta_cluster") or {}).get("cluster_size") if status == 200 else None
+        if size != replicas:
+            fail(f"StatefulSet/nats: {replicas} servers but a JetStream cluster of {size}\n{cluster.logs(servers[0][0])}")
+            return
+    ok(f"StatefulSet/nats: {replicas} server(s) from the rendered nats-config"
+       + (f", routed by their names under the headless Service into one JetStream cluster" if replicas > 1 else "")
+       + ", the Secret's credentials, JetStream on each server's volume", t)
 
     deployments = {}
     for d in [d for d in cluster.docs if d["kind"] == "Deployment"]:
@@ -425,9 +465,11 @@ def rehearse(cluster: Cluster) -> None:
         return
     ok("Job/downloader: stored MNIST in the shared store and queued a train.request, exit 0", t)
 
-    lag, where = wait_for("KEDA's lag", 10, lambda: (lambda r: r if r[0] else None)(keda_lag(cluster, nats_ip))) or (None, "")
+    last: list[tuple[int | None, str]] = [(None, "")]
+    lag, where = wait_for("KEDA's lag", 20, lambda: (lambda r: last.__setitem__(0, r) or (r if r[0] else None))(
+        keda_lag(cluster, nats_ips))) or last[0]
     if not lag:
-        fail(f"KEDA's query sees no lag: {where}")
+        fail(f"KEDA's query sees no lag: {where or f'lag {lag}'}")
         return
     ok(f"KEDA's query sees lag {lag} on {where}: the ScaledJob would start a Job")
 
@@ -491,7 +533,7 @@ def main() -> int:
     docs, secret = render(args.overlay)
     print(f"rehearsal of overlays/{args.overlay} (podman network, images localhost/mnistflow/*:{args.tag})", flush=True)
     print("       differs from the cluster: local images; nats-server binary for the nats image; file:// mirror; "
-          f"trainer {', '.join(f'{k}={v}' for k, v in TRAINER_OVERRIDES.items())}; one replica each", flush=True)
+          f"trainer {', '.join(f'{k}={v}' for k, v in TRAINER_OVERRIDES.items())}; one replica per Deployment", flush=True)
     if args.broken:
         print(f"       broken on purpose: {breakage(docs, args.broken)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mnistflow-rehearsal-") as tmp:

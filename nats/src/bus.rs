@@ -3,10 +3,14 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use async_nats::{Client, ConnectOptions, HeaderMap, Subscriber};
 use futures::StreamExt;
 use secrecy::ExposeSecret;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -55,6 +59,9 @@ pub struct Bus {
     client: Client,
     js: jetstream::Context,
     subjects: Subjects,
+    stream_replicas: usize,
+    publish_retry: Duration,
+    disconnections: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -76,13 +83,19 @@ impl Bus {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0u32;
+        let (disconnected, disconnections) = watch::channel(0u64);
+        let disconnected = std::sync::Arc::new(disconnected);
         loop {
             attempts += 1;
-            let options = options(config).await?;
+            let options = options(config, disconnected.clone()).await?;
             match options.connect(config.servers.clone()).await {
                 Ok(client) => {
-                    info!(%url, attempts, "Connected to NATS.");
-                    return Ok(Self::new(client, config.subjects.clone()));
+                    info!(%url, attempts, server = %client.server_info().server_name, "Connected to NATS.");
+                    let mut bus = Self::new(client, config.subjects.clone());
+                    bus.stream_replicas = config.stream_replicas;
+                    bus.publish_retry = config.publish_retry;
+                    bus.disconnections = disconnections;
+                    return Ok(bus);
                 }
                 Err(e) => {
                     let message = e.to_string();
@@ -109,10 +122,32 @@ impl Bus {
         }
     }
 
-    /// Wraps an existing client.
+    /// Wraps an existing client (streams of one replica, the default publish
+    /// retry, and no disconnection signal: [`Bus::connect`] sets those up).
     pub fn new(client: Client, subjects: Subjects) -> Self {
         let js = jetstream::new(client.clone());
-        Self { client, js, subjects }
+        let (_, disconnections) = watch::channel(0);
+        Self { client, js, subjects, stream_replicas: 1, publish_retry: Duration::from_secs(30), disconnections }
+    }
+
+    /// Sets the streams' replica count that [`Bus::ensure_streams`] applies.
+    #[must_use]
+    pub fn with_stream_replicas(mut self, replicas: usize) -> Self {
+        self.stream_replicas = replicas;
+        self
+    }
+
+    /// A counter of this connection's disconnections, bumped as the client loses
+    /// its server (before it reconnects to another). A request/reply caller
+    /// watches it: the reply to a request that was in flight through the lost
+    /// server never comes, and waiting for it would spend the whole timeout.
+    pub fn disconnections(&self) -> watch::Receiver<u64> {
+        self.disconnections.clone()
+    }
+
+    /// How many servers hold each stream ([`NatsConfig::stream_replicas`]).
+    pub fn stream_replicas(&self) -> usize {
+        self.stream_replicas
     }
 
     /// The underlying client (request/reply for predictions, raw subscriptions).
@@ -136,29 +171,58 @@ impl Bus {
     /// # Errors
     /// JetStream is disabled on the server or refused the configuration.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        streams::ensure(&self.js, &self.subjects).await
+        streams::ensure(&self.js, &self.subjects, self.stream_replicas).await
     }
 
     /// Publishes `message` to its subject through JetStream with `Nats-Msg-Id` set
     /// to its event id, and waits for the server to store it.
     ///
+    /// A publish that got no acknowledgement (the connection dropped, the stream
+    /// had no leader while a cluster elected a new one) is sent again, with the
+    /// same `Nats-Msg-Id`, until `NATS_PUBLISH_RETRY_SECS` have passed: the
+    /// stream stores it once however many attempts reached it, and the caller
+    /// learns of a failure only when none did.
+    ///
     /// # Errors
-    /// No stream holds the subject, or the server did not acknowledge.
+    /// No stream holds the subject, or the server did not acknowledge within the
+    /// retry window.
     pub async fn publish<M: Message>(&self, message: &M) -> Result<Published, BusError> {
         let subject = self.subjects.full(M::SUBJECT);
-        let payload = serde_json::to_vec(message)?;
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", message.event_id().to_string().as_str());
-        let fail = |e: &dyn std::fmt::Display| BusError::Publish { subject: subject.clone(), message: e.to_string() };
-        let ack = self
-            .js
-            .publish_with_headers(subject.clone(), headers, payload.into())
-            .await
-            .map_err(|e| fail(&e))?
-            .await
-            .map_err(|e| fail(&e))?;
-        debug!(%subject, sequence = ack.sequence, duplicate = ack.duplicate, "Published.");
-        Ok(Published { sequence: ack.sequence, duplicate: ack.duplicate })
+        let payload = bytes::Bytes::from(serde_json::to_vec(message)?);
+        let id = message.event_id().to_string();
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1u32;
+        loop {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let outcome = match self.js.publish_with_headers(subject.clone(), headers, payload.clone()).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(ack) => {
+                    debug!(%subject, sequence = ack.sequence, duplicate = ack.duplicate, attempt, "Published.");
+                    return Ok(Published { sequence: ack.sequence, duplicate: ack.duplicate });
+                }
+                Err(e) => {
+                    let retryable = match e.kind() {
+                        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::Other => true,
+                        // "No responders": on a cluster, the stream has no leader for
+                        // a moment; on one server, no stream holds the subject.
+                        PublishErrorKind::StreamNotFound => self.stream_replicas > 1,
+                        _ => false,
+                    };
+                    if !retryable || started.elapsed() + delay > self.publish_retry {
+                        return Err(BusError::Publish { subject, message: format!("{e} (after {attempt} attempts)") });
+                    }
+                    warn!(%subject, attempt, error = %e, "Publish not acknowledged; retrying with the same Nats-Msg-Id.");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                    attempt += 1;
+                }
+            }
+        }
     }
 
     /// Subscribes (core NATS, live only) to `M`'s subject.
@@ -189,13 +253,22 @@ impl Bus {
         };
         let (durable, name) = (def.durable, self.subjects.stream_name(def.stream));
         let stream = self.js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
-        let mut config = streams::work_consumer_config(&self.subjects, M::SUBJECT, durable, options.max_deliver);
+        let mut config = streams::work_consumer_config(
+            &self.subjects,
+            M::SUBJECT,
+            durable,
+            options.max_deliver,
+            self.stream_replicas,
+        );
         config.ack_wait = options.ack_wait;
         let fail = |e: &dyn std::fmt::Display| BusError::Stream(format!("consumer {durable} on {name}: {e}"));
         let mut consumer: PullConsumer =
             stream.get_or_create_consumer(durable, config.clone()).await.map_err(|e| fail(&e))?;
         let current = &consumer.cached_info().config;
-        if current.ack_wait != options.ack_wait || current.max_deliver != options.max_deliver {
+        if current.ack_wait != options.ack_wait
+            || current.max_deliver != options.max_deliver
+            || current.num_replicas.max(1) != self.stream_replicas
+        {
             info!(
                 consumer = durable,
                 ack_wait_ms = options.ack_wait.as_millis() as u64,
@@ -272,17 +345,27 @@ impl Bus {
     }
 }
 
-async fn options(config: &NatsConfig) -> Result<ConnectOptions, BusError> {
+async fn options(config: &NatsConfig, disconnected: Arc<watch::Sender<u64>>) -> Result<ConnectOptions, BusError> {
     let mut options = ConnectOptions::new()
         .name(&config.client_name)
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => warn!("Disconnected from NATS, reconnecting."),
-                async_nats::Event::Connected => info!("Reconnected to NATS."),
-                other => debug!(event = %other, "NATS client event."),
+        .event_callback(move |event| {
+            let disconnected = disconnected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        disconnected.send_modify(|n| *n += 1);
+                        warn!("Disconnected from NATS, reconnecting.");
+                    }
+                    async_nats::Event::Connected => info!("Reconnected to NATS."),
+                    async_nats::Event::LameDuckMode => info!("The NATS server is shutting down (lame duck mode)."),
+                    other => debug!(event = %other, "NATS client event."),
+                }
             }
         });
+    if config.retain_servers_order {
+        options = options.retain_servers_order();
+    }
     if let (Some(user), Some(password)) = (&config.user, &config.password) {
         options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
     }

@@ -9,6 +9,9 @@
 //! | `NATS_CREDS` | path of a `.creds` file (NGS / decentralised auth) | none |
 //! | `NATS_PREFIX` | subject prefix | `mnist` |
 //! | `NATS_CONNECT_TIMEOUT_SECS` | how long start-up keeps retrying an unreachable server | `60` |
+//! | `NATS_STREAM_REPLICAS` | replicas of each JetStream stream (`1`, `3` or `5`; `3` on a three-server cluster) | `1` |
+//! | `NATS_PUBLISH_RETRY_SECS` | how long a JetStream publish is retried (same `Nats-Msg-Id`) through a leader change | `30` |
+//! | `NATS_RETAIN_SERVERS_ORDER` | connect to `NATS_URL`'s servers in the order given instead of at random | `false` |
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +27,8 @@ use crate::subjects::Subjects;
 pub const DEFAULT_PREFIX: &str = "mnist";
 /// The server when `NATS_URL` is unset.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
+/// The most replicas JetStream allows for a stream.
+pub const MAX_STREAM_REPLICAS: usize = 5;
 
 /// A configuration variable with a bad value. The message names the variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +118,17 @@ pub struct NatsConfig {
     pub connect_timeout: Duration,
     /// The client name shown in the server's monitoring.
     pub client_name: String,
+    /// How many servers hold each stream: 1 on one server, 3 on a three-server
+    /// cluster so that losing any one server loses no message and stops nothing.
+    pub stream_replicas: usize,
+    /// How long [`crate::Bus::publish`] keeps retrying a publish that got no
+    /// acknowledgement: a stream's new leader is elected a few seconds after the
+    /// old one died, and the retry carries the same `Nats-Msg-Id`, so it is stored
+    /// once however many attempts reach the stream.
+    pub publish_retry: Duration,
+    /// Try the servers in `NATS_URL`'s order (a test pins a client to one server;
+    /// in production random order spreads clients over the cluster).
+    pub retain_servers_order: bool,
 }
 
 impl NatsConfig {
@@ -162,6 +178,18 @@ impl NatsConfig {
         if !(secs.is_finite() && secs >= 0.0) {
             return Err(ConfigError::new("NATS_CONNECT_TIMEOUT_SECS", "must be a non-negative number of seconds"));
         }
+        let stream_replicas: usize = var_or(&lookup, "NATS_STREAM_REPLICAS", 1)?;
+        if !(1..=MAX_STREAM_REPLICAS).contains(&stream_replicas) {
+            return Err(ConfigError::new(
+                "NATS_STREAM_REPLICAS",
+                format!("must be between 1 and {MAX_STREAM_REPLICAS} (JetStream's limit), got {stream_replicas}"),
+            ));
+        }
+        let retry: f64 = var_or(&lookup, "NATS_PUBLISH_RETRY_SECS", 30.0)?;
+        if !(retry.is_finite() && retry >= 0.0) {
+            return Err(ConfigError::new("NATS_PUBLISH_RETRY_SECS", "must be a non-negative number of seconds"));
+        }
+        let retain_servers_order = flag(&lookup, "NATS_RETAIN_SERVERS_ORDER", false)?;
         Ok(Self {
             servers,
             subjects,
@@ -171,6 +199,9 @@ impl NatsConfig {
             creds_file,
             connect_timeout: Duration::from_secs_f64(secs),
             client_name: "mnistflow".to_owned(),
+            stream_replicas,
+            publish_retry: Duration::from_secs_f64(retry),
+            retain_servers_order,
         })
     }
 
@@ -210,6 +241,42 @@ mod tests {
         assert_eq!(c.servers.len(), 1);
         assert_eq!(c.subjects.prefix(), "mnist");
         assert_eq!(c.connect_timeout, Duration::from_secs(60));
+        assert_eq!(c.stream_replicas, 1);
+        assert_eq!(c.publish_retry, Duration::from_secs(30));
+        assert!(!c.retain_servers_order);
+    }
+
+    #[test]
+    fn a_cluster_is_three_urls_and_three_replicas() {
+        let c = NatsConfig::from_lookup(env(&[
+            (
+                "NATS_URL",
+                "nats://nats-0.nats-headless:4222,nats://nats-1.nats-headless:4222, nats://nats-2.nats-headless:4222",
+            ),
+            ("NATS_STREAM_REPLICAS", "3"),
+            ("NATS_PUBLISH_RETRY_SECS", "2.5"),
+            ("NATS_RETAIN_SERVERS_ORDER", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(c.servers.len(), 3);
+        assert_eq!(c.servers[2].host(), "nats-2.nats-headless");
+        assert_eq!(c.stream_replicas, 3);
+        assert_eq!(c.publish_retry, Duration::from_millis(2500));
+        assert!(c.retain_servers_order);
+    }
+
+    #[test]
+    fn bad_cluster_settings_are_rejected_naming_the_variable() {
+        for (var, bad) in [
+            ("NATS_STREAM_REPLICAS", "0"),
+            ("NATS_STREAM_REPLICAS", "6"),
+            ("NATS_STREAM_REPLICAS", "three"),
+            ("NATS_PUBLISH_RETRY_SECS", "-1"),
+            ("NATS_RETAIN_SERVERS_ORDER", "sometimes"),
+        ] {
+            let err = NatsConfig::from_lookup(env(Box::leak(Box::new([(var, bad)])))).unwrap_err();
+            assert_eq!(err.var, var, "{var}={bad}: {err}");
+        }
     }
 
     #[test]

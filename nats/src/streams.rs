@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
+use tracing::{debug, info};
+
 use crate::bus::BusError;
 use crate::subjects::{self, EVENT_SUBJECTS, Subjects};
 
@@ -74,12 +76,13 @@ pub fn work_consumer(suffix: &str) -> Option<&'static WorkConsumer> {
     WORK_CONSUMERS.iter().find(|c| c.suffix == suffix)
 }
 
-/// The configuration of each stream.
-pub fn stream_configs(subjects: &Subjects) -> Vec<stream::Config> {
+/// The configuration of each stream, held by `replicas` servers
+/// (`NATS_STREAM_REPLICAS`: 1 on one server, 3 on the three-server cluster).
+pub fn stream_configs(subjects: &Subjects, replicas: usize) -> Vec<stream::Config> {
     let base = stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
     vec![
@@ -118,6 +121,7 @@ pub fn work_consumer_config(
     suffix: &str,
     durable: &str,
     max_deliver: i64,
+    replicas: usize,
 ) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(durable.to_owned()),
@@ -127,31 +131,81 @@ pub fn work_consumer_config(
         ack_wait: DEFAULT_ACK_WAIT,
         max_deliver,
         max_ack_pending: 64,
+        num_replicas: replicas,
         ..Default::default()
     }
 }
 
-/// Creates the streams, or updates them to the current configuration, then
-/// creates every durable consumer of [`WORK_CONSUMERS`] that does not exist yet
-/// (an existing one keeps the settings its stage gave it).
+/// A consumer's configured replicas, 0 meaning "as its stream" (which, for a
+/// consumer created before its stream was scaled, is not what it has).
+fn effective_replicas(configured: usize) -> usize {
+    configured.max(1)
+}
+
+/// Creates the streams, or updates them in place to the current configuration
+/// (a deployment that moves from one server to a cluster raises the replicas of
+/// the streams it already has, messages and consumers kept), then creates every
+/// durable consumer of [`WORK_CONSUMERS`] that does not exist yet (an existing
+/// one keeps the settings its stage gave it; its replicas follow the stream's).
 ///
 /// # Errors
-/// The server refused (JetStream disabled, or a conflicting stream owns a subject).
-pub async fn ensure(js: &jetstream::Context, subjects: &Subjects) -> Result<(), BusError> {
-    for config in stream_configs(subjects) {
+/// The server refused (JetStream disabled, a conflicting stream owns a subject,
+/// or fewer servers than `replicas` run JetStream).
+pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usize) -> Result<(), BusError> {
+    for config in stream_configs(subjects, replicas) {
         let name = config.name.clone();
+        let before = match js.get_stream(&name).await {
+            Ok(mut stream) => stream.info().await.ok().map(|i| i.config.num_replicas),
+            Err(_) => None,
+        };
         js.create_or_update_stream(config)
             .await
-            .map_err(|e| BusError::Stream(format!("creating or updating stream {name}: {e}")))?;
+            .map_err(|e| BusError::Stream(format!("creating or updating stream {name} ({replicas} replicas): {e}")))?;
+        if let Some(before) = before
+            && before != replicas
+        {
+            info!(stream = %name, before, replicas, "Stream replicas changed in place.");
+        }
     }
     for c in &WORK_CONSUMERS {
         let name = subjects.stream_name(c.stream);
         let stream = js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
-        let config = work_consumer_config(subjects, c.suffix, c.durable, c.max_deliver);
-        stream
-            .get_or_create_consumer::<consumer::pull::Config>(c.durable, config)
-            .await
-            .map_err(|e| BusError::Stream(format!("creating consumer {} on {name}: {e}", c.durable)))?;
+        let fail = |e: &dyn std::fmt::Display| BusError::Stream(format!("consumer {} on {name}: {e}", c.durable));
+        match stream.get_consumer::<consumer::pull::Config>(c.durable).await {
+            Ok(existing) => {
+                // Raised explicitly, its other settings kept: seen here on
+                // nats-server 2.15.1, a consumer this crate created on a stream of
+                // one replica stayed on one server after the stream was raised to
+                // three, and died with that server (the cluster test's first run).
+                let mut config = existing.cached_info().config.clone();
+                if effective_replicas(config.num_replicas) != replicas {
+                    let before = config.num_replicas;
+                    config.num_replicas = replicas;
+                    // The stream's new replica count reaches the consumer's check a
+                    // moment after the stream update returns ("replica count exceeds
+                    // parent stream"): a few tries, 10 s at most.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        match stream.update_consumer(config.clone()).await {
+                            Ok(_) => break,
+                            Err(e) if tokio::time::Instant::now() < deadline => {
+                                debug!(consumer = c.durable, error = %e, "Consumer update refused for now; retrying.");
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
+                            Err(e) => return Err(fail(&e)),
+                        }
+                    }
+                    info!(consumer = c.durable, stream = %name, before, replicas, "Consumer replicas changed in place.");
+                }
+            }
+            Err(_) => {
+                let config = work_consumer_config(subjects, c.suffix, c.durable, c.max_deliver, replicas);
+                stream
+                    .get_or_create_consumer::<consumer::pull::Config>(c.durable, config)
+                    .await
+                    .map_err(|e| fail(&e))?;
+            }
+        }
     }
     Ok(())
 }

@@ -45,6 +45,11 @@ use crate::metrics::{Metrics, Outcome};
 use crate::params::Hyperparameters;
 use crate::train::{self, Control, LIBTORCH_VERSION, Progress, TrainError};
 
+/// The stored version's metadata key holding the id of its `model.published`
+/// (found in a cluster test: an acknowledgement lost in a leader election led to
+/// a redelivery that announced the stored version a second time, under a new id).
+const PUBLISHED_EVENT_ID: &str = "published_event_id";
+
 /// What can stop the worker itself (not a single request).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -224,6 +229,10 @@ impl Worker {
         let extra = &mut metadata.extra;
         extra.insert("run_id".into(), serde_json::json!(run_id));
         extra.insert("request_id".into(), serde_json::json!(request.event_id));
+        // The announcement's id is chosen once, with the version: a redelivered
+        // request finished from the store announces it again under the same
+        // `Nats-Msg-Id`, which the events stream stores once.
+        extra.insert(PUBLISHED_EVENT_ID.into(), serde_json::json!(work.key.event_id("published")));
         if let Some(by) = &request.requested_by {
             extra.insert("requested_by".into(), serde_json::json!(by));
         }
@@ -287,8 +296,15 @@ impl Worker {
                 .await
                 .map_err(|e| Failure::Transient(format!("promoting {version} failed: {e}")))?;
         }
+        // The id chosen when the version was stored (from the delivery's key), else
+        // (a version stored before ids were kept) the key's: a repeat is stored once.
+        let event_id = stored
+            .extra
+            .get(PUBLISHED_EVENT_ID)
+            .and_then(|v| serde_json::from_value::<EventId>(v.clone()).ok())
+            .unwrap_or_else(|| work.key.event_id("published"));
         let event = ModelPublished {
-            event_id: work.key.event_id("published"),
+            event_id,
             version: version.clone(),
             location: format!("{}/", Store::model_prefix(&version)),
             sha256: stored.sha256.clone(),

@@ -404,6 +404,10 @@ async fn a_request_whose_version_is_already_stored_is_finished_from_the_store_wi
     let mut stored = ModelMetadata::new(mnistflow_nats::ModelVersion::generate());
     stored.metrics.accuracy = 0.99;
     stored.extra.insert("request_id".into(), serde_json::json!(request.event_id));
+    // The first attempt chose its announcement's id with the version (and may have
+    // announced it before the crash): the redelivery announces it under that id.
+    let announced = mnistflow_nats::EventId::new();
+    stored.extra.insert("published_event_id".into(), serde_json::json!(announced));
     let stored = rig.store.publish_model(bytes::Bytes::from_static(b"torchscript"), stored).await.unwrap();
     let mut progress = rig.bus.subscribe::<TrainProgress>().await.unwrap();
     let mut published = rig.bus.subscribe::<ModelPublished>().await.unwrap();
@@ -412,6 +416,7 @@ async fn a_request_whose_version_is_already_stored_is_finished_from_the_store_wi
     rig.bus.publish(&request).await.unwrap();
     let event = next_matching(&mut published, LONG, |e| e.request_id == Some(request.event_id)).await;
     assert_eq!(event.version, stored.version);
+    assert_eq!(event.event_id, announced, "announced under a new id: the events stream would hold it twice");
     assert!(event.promoted, "{}", event.promotion);
     assert_eq!(rig.store.current().await.unwrap(), Some(stored.version));
     assert_eq!(rig.store.list_models().await.unwrap().len(), 1, "no second version");

@@ -5,7 +5,8 @@
 //! | `WEB_ADDRESS` | address to listen on | `0.0.0.0` |
 //! | `WEB_PORT` | port to listen on (`0`: any free port, reported at start) | `8080` |
 //! | `WEB_METRICS_ADDR` | `host:port` of `/metrics` (Prometheus), kept off the public port; empty or `off` disables | `0.0.0.0:9102` |
-//! | `WEB_PREDICT_TIMEOUT_MS` | how long a prediction may wait for an inference instance | `5000` |
+//! | `WEB_PREDICT_TIMEOUT_MS` | how long a prediction may wait for an inference instance, retries included | `5000` |
+//! | `WEB_PREDICT_ATTEMPT_TIMEOUT_MS` | how long one attempt waits before it is sent again (within the timeout above) | `2000` |
 //! | `WEB_MAX_UPLOAD_BYTES` | largest accepted upload (NATS' default `max_payload` is 1 MiB) | `1048576` |
 //! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
 //! | `WEB_EVENTS_REPLAY` | how many recent events a new page replays (plus the last of each kind) | `1000` |
@@ -34,7 +35,12 @@ pub struct Config {
     /// Where `/metrics` is served: a port of its own, never the page's public
     /// one (the LoadBalancer exposes only that); `None` serves no metrics.
     pub metrics_addr: Option<SocketAddr>,
+    /// The page's deadline for a prediction, every retry included.
     pub predict_timeout: Duration,
+    /// How long one attempt may wait for its reply before it is sent again: a
+    /// reply routed through a NATS server that died never comes, and the
+    /// prediction is idempotent, so a second attempt beats a 504.
+    pub predict_attempt_timeout: Duration,
     pub max_upload_bytes: u64,
     /// `None` disables the admin API entirely (its routes answer 404).
     pub admin_token: Option<SecretString>,
@@ -76,6 +82,10 @@ impl Config {
         if timeout_ms == 0 {
             return Err(ConfigError::new("WEB_PREDICT_TIMEOUT_MS", "must be at least 1"));
         }
+        let attempt_ms: u64 = var_or(&lookup, "WEB_PREDICT_ATTEMPT_TIMEOUT_MS", 2_000)?;
+        if attempt_ms == 0 {
+            return Err(ConfigError::new("WEB_PREDICT_ATTEMPT_TIMEOUT_MS", "must be at least 1"));
+        }
         let max_upload_bytes: u64 = var_or(&lookup, "WEB_MAX_UPLOAD_BYTES", 1_048_576)?;
         if max_upload_bytes == 0 {
             return Err(ConfigError::new("WEB_MAX_UPLOAD_BYTES", "must be at least 1"));
@@ -109,6 +119,7 @@ impl Config {
             port,
             metrics_addr,
             predict_timeout: Duration::from_millis(timeout_ms),
+            predict_attempt_timeout: Duration::from_millis(attempt_ms.min(timeout_ms)),
             max_upload_bytes,
             admin_token,
             events_replay,
@@ -140,6 +151,7 @@ mod tests {
         assert_eq!(c.metrics_addr, Some(SocketAddr::from(([0, 0, 0, 0], 9102))));
         assert_eq!(c.address.to_string(), "0.0.0.0");
         assert_eq!(c.predict_timeout, Duration::from_secs(5));
+        assert_eq!(c.predict_attempt_timeout, Duration::from_secs(2));
         assert_eq!(c.max_upload_bytes, 1_048_576);
         assert!(!c.admin_enabled());
         assert_eq!(c.nats.client_name, "mnistflow-web");
@@ -161,6 +173,8 @@ mod tests {
         assert_eq!(c.address.to_string(), "127.0.0.1");
         assert_eq!(c.port, 0);
         assert_eq!(c.predict_timeout, Duration::from_millis(250));
+        // An attempt never outlasts the whole deadline.
+        assert_eq!(c.predict_attempt_timeout, Duration::from_millis(250));
         assert_eq!(c.max_upload_bytes, 1000);
         assert!(c.admin_enabled());
         assert_eq!(c.events_replay, 5);
@@ -176,6 +190,7 @@ mod tests {
             ("WEB_PORT", "70000"),
             ("WEB_PREDICT_TIMEOUT_MS", "0"),
             ("WEB_PREDICT_TIMEOUT_MS", "soon"),
+            ("WEB_PREDICT_ATTEMPT_TIMEOUT_MS", "0"),
             ("WEB_MAX_UPLOAD_BYTES", "-1"),
             ("WEB_ADMIN_TOKEN", "short"),
             ("WEB_EVENTS_REPLAY", "100000"),

@@ -16,7 +16,7 @@ use mnistflow_nats::{PredictReply, subjects};
 use rocket::data::{self, Data, FromData, ToByteUnit};
 use rocket::http::{ContentType, Status};
 use rocket::{Request, State, post};
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -128,33 +128,89 @@ async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiEr
     let subject = state.bus.subjects().full(subjects::PREDICT);
     let timeout = state.config.predict_timeout;
     let started = Instant::now();
-    let request = async_nats::Request::new().payload(image).timeout(Some(timeout));
-    // The client's own timeout is the deadline; the outer one only guards against a stuck client.
-    let outcome = tokio::time::timeout(timeout + Duration::from_secs(1), client.send_request(subject, request)).await;
-    let reply = match outcome {
-        Err(_) => return Err(timed_out(state, timeout)),
-        Ok(Err(e)) => {
-            return Err(match e.kind() {
-                RequestErrorKind::TimedOut => timed_out(state, timeout),
-                RequestErrorKind::NoResponders => {
+    let deadline = started + timeout;
+    let mut disconnections = state.bus.disconnections();
+    disconnections.borrow_and_update();
+    let mut pause = Duration::from_millis(20);
+    let mut attempt = 0u32;
+    // Retried within the page's deadline: a request whose NATS server went away
+    // (its reply can never come), an attempt that outlived its own timeout (the
+    // reply came back through a server that died), and "no responders" (the
+    // inference instances are resubscribing on the servers that remain). A
+    // prediction changes nothing, so sending it twice is harmless.
+    let reply = loop {
+        attempt += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(timed_out(state, timeout));
+        }
+        let wait = remaining.min(state.config.predict_attempt_timeout);
+        let request = async_nats::Request::new().payload(image.clone()).timeout(Some(wait));
+        let went_away = async {
+            if disconnections.changed().await.is_err() {
+                // No disconnection signal (a bus without one): only the timeouts apply.
+                std::future::pending::<()>().await;
+            }
+        };
+        // The client's own timeout is the attempt's deadline; the outer one only
+        // guards against a stuck client.
+        let outcome = tokio::select! {
+            biased;
+            () = went_away => {
+                info!(attempt, "The NATS connection dropped with a prediction in flight; sending it again.");
+                continue;
+            }
+            outcome = tokio::time::timeout(wait + Duration::from_millis(500), client.send_request(subject.clone(), request)) => outcome,
+        };
+        let failure = match outcome {
+            Ok(Ok(reply)) => break reply,
+            Err(_) => None,
+            Ok(Err(e)) => match e.kind() {
+                RequestErrorKind::TimedOut => None,
+                RequestErrorKind::MaxPayloadExceeded => {
+                    state.metrics.prediction("too_large", None);
+                    return Err(ApiError::new(
+                        Status::PayloadTooLarge,
+                        "the image is larger than the message bus accepts",
+                    ));
+                }
+                RequestErrorKind::NoResponders => Some(Failure::NoResponders),
+                _ => Some(Failure::Bus(e.to_string())),
+            },
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        // "No responders" is worth a retry only briefly: while instances move to
+        // another server it lasts milliseconds; when none runs, the page should
+        // say so at once rather than after its whole timeout.
+        let gave_up = matches!(failure, Some(Failure::NoResponders)) && started.elapsed() >= NO_RESPONDERS_GRACE;
+        if gave_up || remaining <= pause {
+            return Err(match failure {
+                None => timed_out(state, timeout),
+                Some(Failure::NoResponders) => {
                     state.metrics.prediction("no_responders", None);
                     ApiError::new(
                         Status::ServiceUnavailable,
                         "no inference instance is running: start one (or wait for one to load a model) and try again",
                     )
                 }
-                RequestErrorKind::MaxPayloadExceeded => {
-                    state.metrics.prediction("too_large", None);
-                    ApiError::new(Status::PayloadTooLarge, "the image is larger than the message bus accepts")
-                }
-                _ => {
-                    warn!(error = %e, "Prediction request failed.");
+                Some(Failure::Bus(error)) => {
+                    warn!(%error, attempt, "Prediction request failed.");
                     state.metrics.prediction("bus_error", None);
                     ApiError::new(Status::ServiceUnavailable, "the message bus is unavailable; try again shortly")
                 }
             });
         }
-        Ok(Ok(reply)) => reply,
+        if let Some(failure) = &failure {
+            debug!(attempt, ?failure, "Prediction attempt failed; retrying.");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        } else {
+            info!(
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "No reply within the attempt's timeout; sending it again."
+            );
+        }
     };
     let seconds = started.elapsed().as_secs_f64();
     match serde_json::from_slice::<PredictReply>(&reply.payload) {
@@ -174,6 +230,17 @@ async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiEr
             Err(ApiError::new(Status::BadGateway, "the inference instance sent an answer this page cannot read"))
         }
     }
+}
+
+/// How long "no responders" is retried: inference instances that lost their
+/// server are subscribed again on another within this (loopback: ~10 ms).
+const NO_RESPONDERS_GRACE: Duration = Duration::from_millis(1500);
+
+/// Why an attempt failed when it is worth another.
+#[derive(Debug)]
+enum Failure {
+    NoResponders,
+    Bus(String),
 }
 
 fn timed_out(state: &AppState, timeout: Duration) -> ApiError {

@@ -40,8 +40,31 @@ pub struct Inference {
     pub stage: Stage,
 }
 
+/// The pipeline on one nats-server.
 pub struct Stack {
     pub nats: NatsServer,
+    pub pipeline: Pipeline,
+}
+
+impl std::ops::Deref for Stack {
+    type Target = Pipeline;
+    fn deref(&self) -> &Pipeline {
+        &self.pipeline
+    }
+}
+
+impl Stack {
+    pub async fn new(extra: &[(&str, &str)]) -> Self {
+        let nats = NatsServer::start();
+        let pipeline = Pipeline::new(&nats.url(), extra).await;
+        Self { nats, pipeline }
+    }
+}
+
+/// Everything but the NATS server(s): a mirror, a store, the test's own bus,
+/// and the stages' environment (`NATS_URL` set to `nats_url`).
+pub struct Pipeline {
+    pub nats_url: String,
     pub mirror: MirrorServer,
     pub store_dir: tempfile::TempDir,
     pub store: Store,
@@ -49,28 +72,29 @@ pub struct Stack {
     pub extra: Vec<(String, String)>,
 }
 
-impl Stack {
-    pub async fn new(extra: &[(&str, &str)]) -> Self {
-        let nats = NatsServer::start();
+impl Pipeline {
+    /// Connects the test's bus to `nats_url` with `extra`'s NATS settings
+    /// (`NATS_STREAM_REPLICAS`, ...) and creates the streams.
+    pub async fn new(nats_url: &str, extra: &[(&str, &str)]) -> Self {
         let mirror = MirrorServer::start(mnist_dir()).await;
         let store_dir = tempfile::tempdir().unwrap();
         let store = Store::local(store_dir.path()).unwrap();
-        let bus = Bus::connect(&NatsConfig::for_url(&nats.url()).unwrap(), &CancellationToken::new()).await.unwrap();
+        let extra: Vec<(String, String)> = extra.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        let lookup = |key: &str| {
+            if key == "NATS_URL" {
+                return Some(nats_url.to_owned());
+            }
+            extra.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        };
+        let bus = Bus::connect(&NatsConfig::from_lookup(lookup).unwrap(), &CancellationToken::new()).await.unwrap();
         bus.ensure_streams().await.unwrap();
-        Self {
-            nats,
-            mirror,
-            store_dir,
-            store,
-            bus,
-            extra: extra.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
-        }
+        Self { nats_url: nats_url.to_owned(), mirror, store_dir, store, bus, extra }
     }
 
     /// The environment every stage of this stack reads.
     pub fn env(&self, overrides: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + Send + Sync + 'static {
         let mut vars: Vec<(String, String)> = vec![
-            ("NATS_URL".into(), self.nats.url()),
+            ("NATS_URL".into(), self.nats_url.clone()),
             ("NATS_CONNECT_TIMEOUT_SECS".into(), "30".into()),
             ("STORE_URL".into(), self.store_dir.path().display().to_string()),
             ("DOWNLOADER_MODE".into(), "service".into()),
@@ -119,7 +143,14 @@ impl Stack {
     }
 
     pub async fn start_inference(&self, instance: &str) -> Inference {
-        let config = mnistflow_inference::Config::from_lookup(self.env(&[("INFERENCE_INSTANCE", instance)])).unwrap();
+        self.start_inference_with(instance, &[]).await
+    }
+
+    /// An inference instance with extra variables (a pinned `NATS_URL`, ...).
+    pub async fn start_inference_with(&self, instance: &str, overrides: &[(&str, &str)]) -> Inference {
+        let mut vars = vec![("INFERENCE_INSTANCE", instance)];
+        vars.extend_from_slice(overrides);
+        let config = mnistflow_inference::Config::from_lookup(self.env(&vars)).unwrap();
         let token = CancellationToken::new();
         let bus = Bus::connect(&config.nats, &token).await.unwrap();
         let app = mnistflow_inference::App::start(config, bus, self.store.clone(), token.clone()).await.unwrap();
@@ -128,7 +159,12 @@ impl Stack {
     }
 
     pub async fn start_web(&self) -> (SocketAddr, Stage) {
-        let config = mnistflow_web::Config::from_lookup(self.env(&[])).unwrap();
+        self.start_web_with(&[]).await
+    }
+
+    /// The web tier with extra variables (a pinned `NATS_URL`, ...).
+    pub async fn start_web_with(&self, overrides: &[(&str, &str)]) -> (SocketAddr, Stage) {
+        let config = mnistflow_web::Config::from_lookup(self.env(overrides)).unwrap();
         let token = CancellationToken::new();
         let bus = Bus::connect(&config.nats, &token).await.unwrap();
         let server = mnistflow_web::start(config, bus, token.clone()).await.unwrap();
@@ -139,8 +175,14 @@ impl Stack {
     /// Waits for the first recorded event of type `M` matching `predicate`
     /// (history included, so an event published before the call counts).
     pub async fn wait_event<M: Message>(&self, timeout: Duration, predicate: impl Fn(&M) -> bool) -> M {
-        let mut replay = self.bus.replay_events(DeliverPolicy::All).await.unwrap();
         tokio::time::timeout(timeout, async {
+            // On a cluster the stream may be electing a leader: try again.
+            let mut replay = loop {
+                match self.bus.replay_events(DeliverPolicy::All).await {
+                    Ok(replay) => break replay,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
             while let Some(event) = replay.next().await {
                 let Ok(event) = event else { continue };
                 if event.suffix == M::SUBJECT
@@ -158,7 +200,16 @@ impl Stack {
 
     /// Every recorded event of type `M`.
     pub async fn events<M: Message>(&self) -> Vec<M> {
-        let mut replay = self.bus.replay_events(DeliverPolicy::All).await.unwrap();
+        let mut replay = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match self.bus.replay_events(DeliverPolicy::All).await {
+                    Ok(replay) => break replay,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        })
+        .await
+        .expect("the events stream could not be replayed within 30 s");
         let last = replay.last_at_start;
         let mut out = Vec::new();
         if last == 0 {
