@@ -183,8 +183,9 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usiz
                     config.num_replicas = replicas;
                     // The stream's new replica count reaches the consumer's check a
                     // moment after the stream update returns ("replica count exceeds
-                    // parent stream"): a few tries, 10 s at most.
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    // parent stream"; 10-15 s seen here while the new replicas catch up):
+                    // retried for 30 s at most.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
                     loop {
                         match stream.update_consumer(config.clone()).await {
                             Ok(_) => break,
