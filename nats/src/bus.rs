@@ -148,6 +148,8 @@ impl Bus {
         let payload = serde_json::to_vec(message)?;
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", message.event_id().to_string().as_str());
+        // The consumer's spans (a training run) join the publisher's trace.
+        crate::telemetry::inject_nats(&tracing::Span::current(), &mut headers);
         let fail = |e: &dyn std::fmt::Display| BusError::Publish { subject: subject.clone(), message: e.to_string() };
         let ack = self
             .js
@@ -396,6 +398,11 @@ impl<M: Message> Delivery<M> {
     /// The raw bytes (for logging an undecodable payload).
     pub fn raw(&self) -> &[u8] {
         &self.msg.payload
+    }
+
+    /// The message's headers (`Nats-Msg-Id`, the W3C trace context).
+    pub fn headers(&self) -> Option<&HeaderMap> {
+        self.msg.headers.as_ref()
     }
 
     /// How many times this message has been delivered (1 on the first delivery).

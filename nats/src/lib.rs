@@ -11,6 +11,7 @@
 //!   messages instead of panicking.
 //! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
 //! - [`runtime`]: process plumbing shared by every binary (tracing, shutdown).
+//! - [`telemetry`]: trace export over OTLP and W3C trace context in HTTP and NATS headers.
 
 pub mod bus;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod ids;
 pub mod runtime;
 pub mod streams;
 pub mod subjects;
+pub mod telemetry;
 
 pub use bus::{
     Bus, BusError, Delivery, EventReplay, Published, Received, StoredEvent, TypedSubscriber, WorkQueue,
