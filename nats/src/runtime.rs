@@ -106,3 +106,26 @@ async fn wait_for_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_an_endpoint_tracing_is_installed_without_an_exporter() {
+        // The only test of this binary that installs the global subscriber.
+        let guard = init_tracing_from_lookup("mnistflow-test", "off", &|_| None).unwrap();
+        assert!(!guard.exporting(), "no exporter is built");
+        assert!(!telemetry::enabled(), "the propagation helpers stay off");
+        let span = tracing::debug_span!("batcher.queue");
+        assert!(span.is_disabled(), "DEBUG spans cost nothing when nothing exports");
+        assert!(telemetry::link_target(&span).is_none());
+    }
+
+    #[test]
+    fn a_bad_endpoint_fails_fast_naming_the_variable() {
+        let lookup = |k: &str| (k == telemetry::ENDPOINT_VAR).then(|| "localhost:4318".to_owned());
+        let error = init_tracing_from_lookup("mnistflow-test", "off", &lookup).unwrap_err();
+        assert_eq!(error.var, telemetry::ENDPOINT_VAR);
+    }
+}

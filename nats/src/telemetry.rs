@@ -62,7 +62,8 @@ impl TelemetryConfig {
     /// # Errors
     /// The endpoint is not an `http(s)://` URL.
     pub fn from_lookup(lookup: &impl Fn(&str) -> Option<String>, service: &str) -> Result<Self, ConfigError> {
-        let endpoint: Option<url::Url> = var(lookup, ENDPOINT_VAR)?;
+        // Literal names: k8s/check finds the variables the services read by these calls.
+        let endpoint: Option<url::Url> = var(lookup, "OTEL_EXPORTER_OTLP_ENDPOINT")?;
         if let Some(url) = &endpoint
             && !matches!(url.scheme(), "http" | "https")
         {
@@ -71,7 +72,7 @@ impl TelemetryConfig {
                 format!("expected an http:// or https:// URL (OTLP over HTTP), got {url}"),
             ));
         }
-        let service_name = var(lookup, SERVICE_NAME_VAR)?.unwrap_or_else(|| service.to_owned());
+        let service_name = var(lookup, "OTEL_SERVICE_NAME")?.unwrap_or_else(|| service.to_owned());
         Ok(Self { endpoint, service_name })
     }
 
