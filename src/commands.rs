@@ -331,7 +331,7 @@ async fn predict(
     for file in files {
         let bytes = std::fs::read(file).map_err(|e| CliError::new(Exit::Usage, anyhow!("{}: {e}", file.display())))?;
         // One trace per prediction when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-        let span = tracing::info_span!("predict", file = %file.display(), otel.kind = "client");
+        let span = tracing::debug_span!("predict", file = %file.display(), otel.kind = "client");
         let reply = match (&bus, url) {
             (Some(bus), _) => predict_nats(bus, bytes, timeout).instrument(span).await?,
             (None, Some(url)) => predict_http(&http, url, file, bytes).instrument(span).await?,
