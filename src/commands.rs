@@ -15,6 +15,7 @@ use mnistflow_nats::{
 use mnistflow_store::Store;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{CliError, Command, Exit, ModelsAction};
 
@@ -329,9 +330,11 @@ async fn predict(
     let mut exit = Exit::Ok;
     for file in files {
         let bytes = std::fs::read(file).map_err(|e| CliError::new(Exit::Usage, anyhow!("{}: {e}", file.display())))?;
+        // One trace per prediction when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+        let span = tracing::debug_span!("predict", file = %file.display(), otel.kind = "client");
         let reply = match (&bus, url) {
-            (Some(bus), _) => predict_nats(bus, bytes, timeout).await?,
-            (None, Some(url)) => predict_http(&http, url, file, bytes).await?,
+            (Some(bus), _) => predict_nats(bus, bytes, timeout).instrument(span).await?,
+            (None, Some(url)) => predict_http(&http, url, file, bytes).instrument(span).await?,
             (None, None) => unreachable!(),
         };
         match &reply {
@@ -360,7 +363,13 @@ async fn predict(
 
 async fn predict_nats(bus: &Bus, bytes: Vec<u8>, timeout: Duration) -> Result<PredictReply, CliError> {
     use mnistflow_nats::async_nats::RequestErrorKind;
-    let request = bus.client().request(bus.subjects().full(subjects::PREDICT), bytes.into());
+    let mut request = mnistflow_nats::async_nats::Request::new().payload(bytes.into());
+    let mut headers = mnistflow_nats::async_nats::HeaderMap::new();
+    mnistflow_nats::telemetry::inject_nats(&tracing::Span::current(), &mut headers);
+    if !headers.is_empty() {
+        request = request.headers(headers);
+    }
+    let request = bus.client().send_request(bus.subjects().full(subjects::PREDICT), request);
     match tokio::time::timeout(timeout, request).await {
         Err(_) => Err(CliError::new(Exit::Unavailable, anyhow!("no prediction within {timeout:?}"))),
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Err(CliError::new(
@@ -396,9 +405,11 @@ async fn predict_http(
         Some("tif" | "tiff") => "image/tiff",
         _ => "application/octet-stream",
     };
-    let response = http
-        .post(&endpoint)
-        .header("content-type", mime)
+    let mut request = http.post(&endpoint).header("content-type", mime);
+    if let Some(traceparent) = mnistflow_nats::telemetry::traceparent(&tracing::Span::current()) {
+        request = request.header("traceparent", traceparent);
+    }
+    let response = request
         .body(bytes)
         .send()
         .await

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    mnistflow_nats::runtime::init_tracing();
+    let _telemetry = mnistflow_nats::runtime::init_tracing("mnistflow-downloader")?;
     let config = mnistflow_downloader::Config::from_env()?;
     let shutdown = mnistflow_nats::runtime::shutdown_token();
     mnistflow_downloader::main_with(config, shutdown).await

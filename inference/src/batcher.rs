@@ -4,6 +4,10 @@
 //! request runs as soon as it arrives), runs one forward pass on the model
 //! served at that moment, and answers each request through its oneshot channel.
 //!
+//! Traced (when spans are exported): each request's wait in the queue is a
+//! `batcher.queue` span in the request's trace, and each forward pass a `forward`
+//! span of its own, linked to the queueing span of every request it served.
+//!
 //! The queue is bounded: when it is full a request is refused at once
 //! ([`PredictFailure::QueueFull`]: HTTP 503 with `Retry-After`, a NATS error reply)
 //! instead of piling up. The thread ends once every [`Batcher`] handle is dropped
@@ -17,8 +21,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mnistflow_nats::ModelVersion;
+use mnistflow_nats::telemetry::{self, LinkTarget};
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{Span, debug_span, error, info};
 
 use crate::config::BatchConfig;
 use crate::metrics::Metrics;
@@ -61,6 +66,10 @@ impl PredictFailure {
 struct Job {
     pixels: Box<Pixels>,
     reply: oneshot::Sender<Result<Answer, PredictFailure>>,
+    /// Open while the job waits; closed when its batch is taken.
+    queued: Span,
+    /// The queueing span's trace, for the forward pass's link.
+    link: Option<LinkTarget>,
 }
 
 /// A handle to the compute thread. Cheap to clone.
@@ -105,7 +114,9 @@ impl Batcher {
         let (reply, answer) = oneshot::channel();
         // Count before sending so the worker's decrement can never run first.
         let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
-        match self.tx.try_send(Job { pixels, reply }) {
+        let queued = debug_span!("batcher.queue", depth);
+        let link = telemetry::link_target(&queued);
+        match self.tx.try_send(Job { pixels, reply, queued, link }) {
             Ok(()) => self.metrics.queue_depth(depth),
             Err(e) => {
                 self.depth.fetch_sub(1, Ordering::Relaxed);
@@ -193,6 +204,15 @@ impl Worker {
 
     fn run_batch(&self, jobs: &mut Vec<Job>, input: &mut Vec<f32>) {
         let n = jobs.len();
+        let span = debug_span!("forward", batch = n, version = tracing::field::Empty);
+        for job in jobs.iter_mut() {
+            // Ends the job's queueing span.
+            job.queued = Span::none();
+            if let Some(link) = &job.link {
+                telemetry::link(&span, link);
+            }
+        }
+        let _entered = span.enter();
         let Some(model) = self.slot.get() else {
             for job in jobs.drain(..) {
                 let _ = job.reply.send(Err(PredictFailure::NoModel));
@@ -204,6 +224,7 @@ impl Worker {
             input.extend_from_slice(&job.pixels[..]);
         }
         self.metrics.batch(n);
+        span.record("version", tracing::field::display(&model.version));
         match model.forward(input, n) {
             Ok(out) => {
                 for (job, row) in jobs.drain(..).zip(out.chunks(CLASSES)) {

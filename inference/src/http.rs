@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use mnistflow_nats::{PredictError, Prediction};
+use mnistflow_nats::{PredictError, Prediction, telemetry};
 use rocket::data::{Capped, Data, ToByteUnit};
 use rocket::form::error::ErrorKind;
 use rocket::form::{Errors, Form, FromForm};
@@ -55,6 +55,30 @@ impl<'r> FromRequest<'r> for ContentLength {
     }
 }
 
+/// The caller's W3C trace context; the request's span joins its trace.
+struct TraceContext<'r> {
+    parent: Option<&'r str>,
+    state: Option<&'r str>,
+}
+
+impl TraceContext<'_> {
+    fn span(&self, kind: &'static str) -> tracing::Span {
+        let span = debug_span!("predict", route = "http", kind, otel.kind = "server");
+        telemetry::set_parent_from_http(&span, self.parent, self.state);
+        span
+    }
+}
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for TraceContext<'r> {
+    type Error = std::convert::Infallible;
+
+    async fn from_request(req: &'r Request<'_>) -> Outcome<Self, Self::Error> {
+        let headers = req.headers();
+        Outcome::Success(Self { parent: headers.get_one("traceparent"), state: headers.get_one("tracestate") })
+    }
+}
+
 #[derive(FromForm)]
 struct Upload<'r> {
     file: Capped<&'r [u8]>,
@@ -77,6 +101,7 @@ async fn answer(
 #[post("/v1/predict", format = "multipart/form-data", data = "<form>", rank = 1)]
 async fn predict_form(
     length: ContentLength,
+    trace: TraceContext<'_>,
     form: Result<Form<Upload<'_>>, Errors<'_>>,
     service: &State<Arc<Service>>,
 ) -> Result<Json<Prediction>, ApiError> {
@@ -110,7 +135,7 @@ async fn predict_form(
         }
         Ok(service.predict(form.file.value.to_vec(), false).await?.into())
     }
-    .instrument(debug_span!("predict", route = "http", kind = "multipart"))
+    .instrument(trace.span("multipart"))
     .await;
     answer(service, started, result).await
 }
@@ -119,6 +144,7 @@ async fn predict_form(
 async fn predict_raw(
     content_type: Option<&ContentType>,
     length: ContentLength,
+    trace: TraceContext<'_>,
     data: Data<'_>,
     service: &State<Arc<Service>>,
 ) -> Result<Json<Prediction>, ApiError> {
@@ -150,7 +176,7 @@ async fn predict_raw(
         }
         Ok(service.predict(body.value, raw_ok).await?.into())
     }
-    .instrument(debug_span!("predict", route = "http", kind = "raw"))
+    .instrument(trace.span("raw"))
     .await;
     answer(service, started, result).await
 }

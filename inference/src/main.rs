@@ -2,7 +2,7 @@
 //! `INFERENCE_WORKERS` threads, the shutdown trigger, then the library.
 
 fn main() -> anyhow::Result<()> {
-    mnistflow_nats::runtime::init_tracing();
+    let _telemetry = mnistflow_nats::runtime::init_tracing("mnistflow-inference")?;
     let config = mnistflow_inference::Config::from_env()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use mnistflow_nats::async_nats::{self, Subject};
-use mnistflow_nats::{Bus, BusError, Prediction, subjects};
+use mnistflow_nats::{Bus, BusError, Prediction, subjects, telemetry};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -57,7 +57,9 @@ pub async fn serve(
             continue;
         };
         let (client, service) = (client.clone(), service.clone());
-        let span = debug_span!("predict", route = "nats", bytes = msg.payload.len());
+        let span = debug_span!("predict", route = "nats", bytes = msg.payload.len(), otel.kind = "server");
+        // The requester's trace (the web tier's), carried in the message headers.
+        telemetry::set_parent_from_nats(&span, msg.headers.as_ref());
         tracker.spawn(
             async move {
                 let result = service.predict(msg.payload.to_vec(), true).await.map(Prediction::from);

@@ -14,16 +14,20 @@
 //! - [`free_port`]: a loopback port nothing listens on.
 //! - [`browser`]: headless Chromium over WebDriver for the page's tests.
 //! - [`keda`]: the query and the lag of KEDA's `nats-jetstream` scaler.
+//! - [`OtlpCollector`]: an OTLP/HTTP endpoint decoding exported spans with the
+//!   official protobuf definitions.
 
 pub mod browser;
 pub mod keda;
 mod mirror;
 mod nats_cluster;
 mod nats_server;
+mod otlp;
 
 pub use mirror::{Fault, MirrorServer};
 pub use nats_cluster::NatsCluster;
 pub use nats_server::NatsServer;
+pub use otlp::{CollectedSpan, OtlpCollector};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -196,6 +196,8 @@ impl Bus {
         loop {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
+            // The consumer's spans (a training run) join the publisher's trace.
+            crate::telemetry::inject_nats(&tracing::Span::current(), &mut headers);
             let outcome = match self.js.publish_with_headers(subject.clone(), headers, payload.clone()).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
@@ -487,6 +489,11 @@ impl<M: Message> Delivery<M> {
     /// The raw bytes (for logging an undecodable payload).
     pub fn raw(&self) -> &[u8] {
         &self.msg.payload
+    }
+
+    /// The message's headers (`Nats-Msg-Id`, the W3C trace context).
+    pub fn headers(&self) -> Option<&HeaderMap> {
+        self.msg.headers.as_ref()
     }
 
     /// How many times this message has been delivered (1 on the first delivery).

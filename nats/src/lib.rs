@@ -13,6 +13,7 @@
 //!   delivery-derived ids of commands and their answers.
 //! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
 //! - [`runtime`]: process plumbing shared by every binary (tracing, shutdown).
+//! - [`telemetry`]: trace export over OTLP and W3C trace context in HTTP and NATS headers.
 
 pub mod bus;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod ids;
 pub mod runtime;
 pub mod streams;
 pub mod subjects;
+pub mod telemetry;
 pub mod work;
 
 pub use bus::{

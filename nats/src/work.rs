@@ -77,6 +77,8 @@ pub struct Work<'a, M> {
     pub key: &'a DeliveryKey,
     /// 1 on the first delivery.
     pub delivered: i64,
+    /// The message's headers (W3C trace context among them).
+    pub headers: Option<&'a async_nats::HeaderMap>,
     pub shutdown: &'a CancellationToken,
 }
 
@@ -168,7 +170,7 @@ async fn handle_one<M: Message, H: Handler<M>>(
             return outcome;
         }
     };
-    let work = Work { command, key, delivered: delivery.delivered(), shutdown };
+    let work = Work { command, key, delivered: delivery.delivered(), headers: delivery.headers(), shutdown };
     let job = handler.handle(work);
     tokio::pin!(job);
     let mut heartbeat = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(100)));

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    mnistflow_nats::runtime::init_tracing();
+    let _telemetry = mnistflow_nats::runtime::init_tracing("mnistflow-trainer")?;
     let config = mnistflow_trainer::Config::from_env()?;
     let shutdown = mnistflow_nats::runtime::shutdown_token();
     mnistflow_trainer::main_with(config, shutdown).await

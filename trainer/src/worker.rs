@@ -141,6 +141,8 @@ impl Worker {
         let run_id = RunId::new();
         let span =
             info_span!("train", %run_id, request_id = %request.event_id, key = %work.key, delivered = work.delivered);
+        // Tracing: the run joins the trace of whoever requested it (its message headers).
+        mnistflow_nats::telemetry::set_parent_from_nats(&span, work.headers);
         async {
             self.metrics.set_busy(true);
             let started = Instant::now();
@@ -265,6 +267,7 @@ impl Worker {
         let stored = self
             .store
             .publish_model(Bytes::from(artefact.torchscript), metadata)
+            .instrument(info_span!("store"))
             .await
             .map_err(|e| Failure::Transient(format!("storing the model failed: {e}")))?;
         self.finish(work, run_id, stored).await
@@ -273,6 +276,7 @@ impl Worker {
     /// Gate, promote, announce — for a version that is stored (the runner then
     /// acknowledges). The announcement's id derives from the delivery, so finishing
     /// the same request again after a crash before the ack is stored once.
+    #[tracing::instrument(name = "publish", skip_all)]
     async fn finish(
         &self,
         work: &Work<'_, TrainRequest>,
@@ -357,6 +361,7 @@ impl Worker {
         }
     }
 
+    #[tracing::instrument(name = "fetch", skip_all)]
     async fn fetch_dataset(&self, request: &TrainRequest) -> Result<RawMnist, Failure> {
         let manifest = match &request.dataset_id {
             Some(id) => self
@@ -526,6 +531,8 @@ fn run_blocking(
     tx: &mpsc::Sender<Update>,
 ) -> Result<Artefact, TrainError> {
     let started = Instant::now();
+    // Tracing: one span per phase of the run.
+    let phase = info_span!("decode").entered();
     let device = hp.device.resolve().map_err(|e| TrainError::Torch(tch::TchError::Kind(e)))?;
     let data = Mnist::decode(raw).map_err(|e| match e {
         crate::data::DataError::Torch(t) => TrainError::Torch(t),
@@ -533,14 +540,20 @@ fn run_blocking(
     })?;
     let data = data.to_device(device).map_err(|e| TrainError::Torch(tch::TchError::Kind(e.to_string())))?;
     let decode_secs = started.elapsed().as_secs_f64();
+    drop(phase);
+    let phase = info_span!("training").entered();
     let mut trained = train::train(&data, hp, device, control, &mut |p| {
         // Lossy on purpose: a slow NATS never slows training down.
         let _ = tx.try_send(Update::Progress(p.clone()));
     })?;
+    drop(phase);
+    let phase = info_span!("evaluate").entered();
     let _ = tx.try_send(Update::Phase("evaluating"));
     let t = Instant::now();
     let metrics = train::evaluate(&trained.net, &data.test_images, &data.test_labels)?;
     let evaluate_secs = t.elapsed().as_secs_f64();
+    drop(phase);
+    let _phase = info_span!("export").entered();
     let _ = tx.try_send(Update::Phase("exporting"));
     let t = Instant::now();
     let check = data.test_sample(16)?;

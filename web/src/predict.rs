@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mnistflow_nats::async_nats::{self, RequestErrorKind};
-use mnistflow_nats::{PredictReply, subjects};
+use mnistflow_nats::{PredictReply, subjects, telemetry};
 use rocket::data::{self, Data, FromData, ToByteUnit};
 use rocket::http::{ContentType, Status};
+use rocket::request::{self, FromRequest};
 use rocket::{Request, State, post};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -100,6 +101,22 @@ async fn file_field(body: Bytes, boundary: String) -> Result<Bytes, ApiError> {
     Err(ApiError::new(Status::BadRequest, "the multipart form has no `file` field"))
 }
 
+/// The W3C trace context a caller sent (`traceparent`, `tracestate`), if any.
+pub(crate) struct TraceContext<'r> {
+    parent: Option<&'r str>,
+    state: Option<&'r str>,
+}
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for TraceContext<'r> {
+    type Error = std::convert::Infallible;
+
+    async fn from_request(req: &'r Request<'_>) -> request::Outcome<Self, Self::Error> {
+        let headers = req.headers();
+        request::Outcome::Success(Self { parent: headers.get_one("traceparent"), state: headers.get_one("tracestate") })
+    }
+}
+
 /// A prediction's JSON, passed through as the inference instance wrote it.
 #[derive(rocket::Responder)]
 #[response(status = 200, content_type = "json")]
@@ -108,10 +125,13 @@ pub(crate) struct PredictionJson(Vec<u8>);
 #[post("/api/predict", data = "<upload>")]
 pub(crate) async fn predict(
     upload: Result<Upload, ApiError>,
+    trace: TraceContext<'_>,
     state: &State<AppState>,
 ) -> Result<PredictionJson, ApiError> {
     let upload = upload?;
-    let span = info_span!("predict", bytes = upload.0.len());
+    let span = info_span!("predict", bytes = upload.0.len(), otel.kind = "server", otel.name = "POST /api/predict");
+    // The page's trace when it sent one; otherwise this span starts the trace.
+    telemetry::set_parent_from_http(&span, trace.parent, trace.state);
     forward(state, upload.0).instrument(span).await
 }
 
@@ -138,6 +158,8 @@ async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiEr
     // reply came back through a server that died), and "no responders" (the
     // inference instances are resubscribing on the servers that remain). A
     // prediction changes nothing, so sending it twice is harmless.
+    // The inference instance's spans join this trace through the message headers.
+    let span = debug_span!("nats.request", otel.kind = "client", %subject);
     let reply = loop {
         attempt += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -145,7 +167,12 @@ async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiEr
             return Err(timed_out(state, timeout));
         }
         let wait = remaining.min(state.config.predict_attempt_timeout);
-        let request = async_nats::Request::new().payload(image.clone()).timeout(Some(wait));
+        let mut request = async_nats::Request::new().payload(image.clone()).timeout(Some(wait));
+        let mut headers = async_nats::HeaderMap::new();
+        telemetry::inject_nats(&span, &mut headers);
+        if !headers.is_empty() {
+            request = request.headers(headers);
+        }
         let went_away = async {
             if disconnections.changed().await.is_err() {
                 // No disconnection signal (a bus without one): only the timeouts apply.
@@ -160,7 +187,10 @@ async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiEr
                 info!(attempt, "The NATS connection dropped with a prediction in flight; sending it again.");
                 continue;
             }
-            outcome = tokio::time::timeout(wait + Duration::from_millis(500), client.send_request(subject.clone(), request)) => outcome,
+            outcome = tokio::time::timeout(
+                wait + Duration::from_millis(500),
+                client.send_request(subject.clone(), request).instrument(span.clone()),
+            ) => outcome,
         };
         let failure = match outcome {
             Ok(Ok(reply)) => break reply,
