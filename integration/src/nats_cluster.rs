@@ -216,19 +216,7 @@ impl NatsCluster {
         let i = self.index_of(&leader).ok_or(format!("unknown leader {leader}"))?;
         let d = self.stream_detail("$G", stream, i)?;
         let configured = d["config"]["num_replicas"].as_u64().unwrap_or(1);
-        let followers = d["cluster"]["replicas"]
-            .as_array()
-            .map(|r| {
-                r.iter()
-                    .map(|p| {
-                        let current =
-                            p["current"].as_bool().unwrap_or(false) && !p["offline"].as_bool().unwrap_or(false);
-                        (p["name"].as_str().unwrap_or_default().to_owned(), current)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok((configured, followers))
+        Ok((configured, followers(&d["cluster"])))
     }
 
     /// The durable consumer's leader and its followers (name, current), as the
@@ -250,19 +238,7 @@ impl NatsCluster {
                 last = format!("{}: not the leader of {consumer} ({leader:?} is)", self.nodes[i].name);
                 continue;
             }
-            let followers = c["cluster"]["replicas"]
-                .as_array()
-                .map(|r| {
-                    r.iter()
-                        .map(|p| {
-                            let current =
-                                p["current"].as_bool().unwrap_or(false) && !p["offline"].as_bool().unwrap_or(false);
-                            (p["name"].as_str().unwrap_or_default().to_owned(), current)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            return Ok((leader, followers));
+            return Ok((leader, followers(&c["cluster"])));
         }
         Err(last)
     }
@@ -308,4 +284,17 @@ fn port_free_on_all(used: &mut Vec<u16>) -> u16 {
         }
     }
     panic!("no port free on all of {HOSTS:?} after 100 tries");
+}
+
+/// The followers of a stream or consumer (`cluster.replicas` of `/jsz`): each
+/// one's name, and whether it is current (and not offline).
+fn followers(cluster: &serde_json::Value) -> Vec<(String, bool)> {
+    let Some(replicas) = cluster["replicas"].as_array() else { return Vec::new() };
+    replicas
+        .iter()
+        .map(|p| {
+            let current = p["current"].as_bool().unwrap_or(false) && !p["offline"].as_bool().unwrap_or(false);
+            (p["name"].as_str().unwrap_or_default().to_owned(), current)
+        })
+        .collect()
 }

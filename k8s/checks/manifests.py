@@ -201,25 +201,23 @@ def schema(rendered: dict[str, list[dict]], out: Path) -> None:
         return
     payload = out / "crds.json"
     payload.write_text(json.dumps([{"source": n, "object": d} for n, d in custom_docs]))
-    proc = subprocess.run(
-        ["node", str(K8S / "checks" / "crd-validate.js"), str(payload)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NODE_PATH": str(node_dir / "node_modules")},
-    )
-    for line in proc.stdout.splitlines():
-        print(f"  {line}")
+
+    def crd_validate(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            ["node", str(K8S / "checks" / "crd-validate.js"), *args, str(payload)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "NODE_PATH": str(node_dir / "node_modules")},
+        )
+        for line in proc.stdout.splitlines():
+            print(f"  {line}")
+        return proc
+
+    proc = crd_validate()
     if proc.returncode != 0:
         fail(f"CRD schemas: {proc.stderr.strip() or 'invalid objects'}")
     # The schemas must reject what is wrong, not only accept what is right.
-    proc = subprocess.run(
-        ["node", str(K8S / "checks" / "crd-validate.js"), "--self-test", str(payload)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NODE_PATH": str(node_dir / "node_modules")},
-    )
-    for line in proc.stdout.splitlines():
-        print(f"  {line}")
+    proc = crd_validate("--self-test")
     if proc.returncode != 0:
         fail(f"CRD schema self-test: {proc.stderr.strip() or 'a broken object was accepted'}")
 
