@@ -122,10 +122,15 @@ impl Worker {
             Mode::Worker => Take::All,
             Mode::Job => Take::One { wait: self.config.job_wait },
         };
+        let failed_before = self.metrics.runs(Outcome::Failed);
         let last = work::run(&mut queue, self, self.config.ack_wait, take, &shutdown).await?;
         if self.config.mode == Mode::Job {
+            // A transient failure fails the Job even on the last delivery, where the
+            // request is terminated rather than handed back (as before the runner).
+            let failed = self.metrics.runs(Outcome::Failed) > failed_before;
             return match last {
                 Some(WorkOutcome::Retry { reason, .. }) => Err(WorkerError::JobFailed(reason)),
+                Some(WorkOutcome::Reject { reason }) if failed => Err(WorkerError::JobFailed(reason)),
                 Some(WorkOutcome::Cancelled) => Err(WorkerError::JobFailed("cancelled by shutdown".into())),
                 _ => Ok(()),
             };
