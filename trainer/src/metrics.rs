@@ -94,9 +94,10 @@ impl Metrics {
         self.runs.get_or_create(&OutcomeLabel { outcome: outcome.as_str().into() }).inc();
     }
 
-    /// How many runs ended with `outcome`.
+    /// How many runs ended with `outcome`. Reading creates no series: a zero
+    /// `outcome="failed"` series appearing would fire the TrainingFailed alert.
     pub fn runs(&self, outcome: Outcome) -> u64 {
-        self.runs.get_or_create(&OutcomeLabel { outcome: outcome.as_str().into() }).get()
+        self.runs.get(&OutcomeLabel { outcome: outcome.as_str().into() }).map_or(0, |c| c.get())
     }
 
     pub fn progress(&self, examples_per_sec: f64, loss: f64) {
