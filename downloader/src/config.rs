@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `DOWNLOADER_MODE` | `once` (a Job: download, announce, exit) or `service` (act on each `dataset.download`) | `once` |
 //! | `DOWNLOADER_MIRRORS` | comma-separated base URLs, tried in order: `https://`, `http://`, `file:///dir/` or an absolute path | the two mirrors torchvision uses |
+//! | `DOWNLOADER_ALLOWED_MIRRORS` | comma-separated `http(s)://` base URLs under which a `dataset.download` command may name mirrors; a command can never name `file://` or carry credentials | the `http(s)://` entries of `DOWNLOADER_MIRRORS` |
 //! | `DOWNLOADER_SHA256` | four SHA-256 of the decompressed files (train-images, train-labels, t10k-images, t10k-labels), or `off` | the published MNIST values |
 //! | `DOWNLOADER_AUTO_TRAIN` | publish `train.request` after `dataset.ready` | `true` |
 //! | `DOWNLOADER_RETRIES` | extra attempts per file and mirror on transient errors | `3` |
@@ -25,7 +26,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use mnistflow_nats::config::{flag, listen_addr, var, var_or};
-use mnistflow_nats::{ConfigError, NatsConfig};
+use mnistflow_nats::{ConfigError, NatsConfig, redact_credentials};
 use url::Url;
 
 use crate::verify::KNOWN_SHA256;
@@ -132,6 +133,8 @@ pub struct Config {
     pub store_url: String,
     pub mode: Mode,
     pub fetch: FetchConfig,
+    /// The base URLs a command's mirrors must lie under (`http(s)://` only).
+    pub allowed_mirrors: Vec<Url>,
     /// Publish `train.request` after `dataset.ready` (a command may override it).
     pub auto_train: bool,
     /// Service mode: where `/healthz`, `/readyz` and `/metrics` listen; `None` disables them.
@@ -166,6 +169,22 @@ impl Config {
         let mirrors = match lookup("DOWNLOADER_MIRRORS").filter(|v| !v.trim().is_empty()) {
             None => FetchConfig::default().mirrors,
             Some(raw) => parse_mirror_list(raw.split(',')).map_err(|e| ConfigError::new("DOWNLOADER_MIRRORS", e))?,
+        };
+        let allowed_mirrors = match lookup("DOWNLOADER_ALLOWED_MIRRORS").filter(|v| !v.trim().is_empty()) {
+            None => mirrors.iter().filter(|m| m.scheme() != "file").cloned().collect(),
+            Some(raw) => {
+                let allowed =
+                    parse_mirror_list(raw.split(',')).map_err(|e| ConfigError::new("DOWNLOADER_ALLOWED_MIRRORS", e))?;
+                if let Some(local) = allowed.iter().find(|m| m.scheme() == "file") {
+                    return Err(ConfigError::new(
+                        "DOWNLOADER_ALLOWED_MIRRORS",
+                        format!(
+                            "{local}: commands may not name file:// mirrors; list it in DOWNLOADER_MIRRORS instead"
+                        ),
+                    ));
+                }
+                allowed
+            }
         };
         let expected_sha256 = match lookup("DOWNLOADER_SHA256").map(|v| v.trim().to_ascii_lowercase()) {
             None => Some(KNOWN_SHA256.map(str::to_owned)),
@@ -202,6 +221,7 @@ impl Config {
                 temp_dir,
                 progress,
             },
+            allowed_mirrors,
             auto_train,
             metrics_addr,
             max_deliver,
@@ -228,15 +248,16 @@ pub fn parse_mirror(raw: &str) -> Result<Url, String> {
     if raw.is_empty() {
         return Err("empty mirror".into());
     }
+    let shown = redact_credentials(raw);
     let mut url = if raw.starts_with('/') {
-        Url::from_directory_path(raw).map_err(|()| format!("{raw:?} is not an absolute directory path"))?
+        Url::from_directory_path(raw).map_err(|()| format!("{shown:?} is not an absolute directory path"))?
     } else {
-        Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?
+        Url::parse(raw).map_err(|e| format!("{shown:?} is not a URL: {e}"))?
     };
     match url.scheme() {
         "http" | "https" if url.host_str().is_some() => {}
         "file" => {}
-        _ => return Err(format!("{raw:?}: unsupported mirror (use http://, https://, file:// or an absolute path)")),
+        _ => return Err(format!("{shown:?}: unsupported mirror (use http://, https://, file:// or an absolute path)")),
     }
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());
@@ -245,6 +266,47 @@ pub fn parse_mirror(raw: &str) -> Result<Url, String> {
     url.set_query(None);
     url.set_fragment(None);
     Ok(url)
+}
+
+/// The mirrors a `dataset.download` command names, each checked against the
+/// allow-list: `http(s)://` only (a command must not make the pod read its own
+/// files), no credentials (they would be kept in the stream for anyone who can
+/// read it; configure them in `DOWNLOADER_MIRRORS`), and under one of `allowed`
+/// (same scheme, host and port; the path within the allowed one). Error
+/// messages never repeat credentials.
+///
+/// # Errors
+/// A mirror is invalid or not allowed, or the list is empty.
+pub fn command_mirrors(raw: &[String], allowed: &[Url]) -> Result<Vec<Url>, String> {
+    let mirrors = parse_mirror_list(raw.iter().map(String::as_str))?;
+    for mirror in &mirrors {
+        let shown = crate::fetch::display_mirror(mirror);
+        if mirror.scheme() == "file" {
+            return Err(format!(
+                "{shown}: a command cannot name a file:// mirror (set DOWNLOADER_MIRRORS where the downloader runs)"
+            ));
+        }
+        if !mirror.username().is_empty() || mirror.password().is_some() {
+            return Err(format!(
+                "{shown}: a command cannot carry mirror credentials (they would be stored in the stream); \
+                 configure the mirror with its credentials in DOWNLOADER_MIRRORS"
+            ));
+        }
+        let inside = |base: &Url| {
+            base.scheme() == mirror.scheme()
+                && base.host_str() == mirror.host_str()
+                && base.port_or_known_default() == mirror.port_or_known_default()
+                && mirror.path().starts_with(base.path())
+        };
+        if !allowed.iter().any(inside) {
+            let list: Vec<String> = allowed.iter().map(crate::fetch::display_mirror).collect();
+            let list = if list.is_empty() { "none".to_owned() } else { list.join(", ") };
+            return Err(format!(
+                "{shown} is not an allowed mirror (allowed: {list}; the downloader's DOWNLOADER_ALLOWED_MIRRORS sets them)"
+            ));
+        }
+    }
+    Ok(mirrors)
 }
 
 /// Parses an ordered list of mirrors.
@@ -297,6 +359,53 @@ mod tests {
         assert_eq!(c.fetch.retries, 3);
         assert_eq!(c.metrics_addr, Some("0.0.0.0:9102".parse().unwrap()));
         assert_eq!(c.nats.client_name, "mnistflow-downloader");
+    }
+
+    #[test]
+    fn commands_may_name_only_allowed_http_mirrors_without_credentials() {
+        let c = Config::from_lookup(env(&[(
+            "DOWNLOADER_MIRRORS",
+            "file:///data/mnist/,https://mirror.example/mnist/,http://10.0.0.5:8080/mnist",
+        )]))
+        .unwrap();
+        // The default allow-list: the configured http(s) mirrors, never file://.
+        let allowed: Vec<_> = c.allowed_mirrors.iter().map(Url::as_str).collect();
+        assert_eq!(allowed, ["https://mirror.example/mnist/", "http://10.0.0.5:8080/mnist/"]);
+        let check = |m: &str| command_mirrors(&[m.to_owned()], &c.allowed_mirrors);
+        assert!(check("https://mirror.example/mnist/").is_ok());
+        assert!(check("https://mirror.example/mnist/v2/").is_ok());
+        assert!(check("http://10.0.0.5:8080/mnist/").is_ok());
+        for refused in [
+            "file:///data/mnist/",
+            "/etc/",
+            "file:///var/run/secrets/kubernetes.io/serviceaccount/",
+            "https://mirror.example/other/",
+            "https://mirror.example.evil/mnist/",
+            "http://mirror.example/mnist/",
+            "http://10.0.0.5:8081/mnist/",
+            "http://169.254.169.254/computeMetadata/v1/",
+        ] {
+            let err = check(refused).unwrap_err();
+            assert!(err.contains("file://") || err.contains("not an allowed mirror"), "{refused}: {err}");
+        }
+        let err = check("https://alice:s3cret@mirror.example/mnist/").unwrap_err();
+        assert!(err.contains("credentials") && !err.contains("s3cret") && !err.contains("alice"), "{err}");
+        let err = check("ftp://bob:hunter2@x/").unwrap_err();
+        assert!(!err.contains("hunter2") && !err.contains("bob"), "{err}");
+    }
+
+    #[test]
+    fn the_allow_list_is_configurable_and_refuses_file_urls() {
+        let c =
+            Config::from_lookup(env(&[("DOWNLOADER_ALLOWED_MIRRORS", "https://a.example/,https://b.example/mnist/")]))
+                .unwrap();
+        assert_eq!(c.allowed_mirrors.len(), 2);
+        assert!(command_mirrors(&["https://a.example/anything/".into()], &c.allowed_mirrors).is_ok());
+        let err = Config::from_lookup(env(&[("DOWNLOADER_ALLOWED_MIRRORS", "file:///data/")])).unwrap_err();
+        assert_eq!(err.var, "DOWNLOADER_ALLOWED_MIRRORS");
+        let only_local = Config::from_lookup(env(&[("DOWNLOADER_MIRRORS", "/data/mnist")])).unwrap();
+        let err = command_mirrors(&["https://a.example/".into()], &only_local.allowed_mirrors).unwrap_err();
+        assert!(err.contains("allowed: none"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mnistflow_nats::{Bus, DatasetDownload, DatasetFailed, DatasetReady, DeliveryKey, EventId, TrainRequest};
+use mnistflow_nats::{
+    Bus, DatasetDownload, DatasetFailed, DatasetReady, DeliveryKey, EventId, TrainRequest, redact_credentials,
+};
 use mnistflow_store::{DatasetManifest, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -14,7 +16,7 @@ use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 use url::Url;
 
-use crate::config::{Config, parse_mirror_list};
+use crate::config::{Config, command_mirrors};
 use crate::error::DownloadError;
 use crate::fetch::{Fetcher, Staged, display_mirror};
 use crate::metrics::Metrics;
@@ -57,6 +59,8 @@ pub struct Downloader {
     store: Store,
     bus: Bus,
     auto_train: bool,
+    /// What a command's mirrors must lie under.
+    allowed_mirrors: Vec<Url>,
     metrics: Arc<Metrics>,
 }
 
@@ -65,7 +69,14 @@ impl Downloader {
     /// The HTTP client cannot be built.
     pub fn new(config: &Config, store: Store, bus: Bus, metrics: Arc<Metrics>) -> Result<Self, DownloadError> {
         let fetcher = Fetcher::new(config.fetch.clone(), metrics.clone())?;
-        Ok(Self { fetcher, store, bus, auto_train: config.auto_train, metrics })
+        Ok(Self {
+            fetcher,
+            store,
+            bus,
+            auto_train: config.auto_train,
+            allowed_mirrors: config.allowed_mirrors.clone(),
+            metrics,
+        })
     }
 
     pub fn bus(&self) -> &Bus {
@@ -112,7 +123,7 @@ impl Downloader {
         async {
             let started = Instant::now();
             let mirrors = match command.and_then(|c| c.mirrors.as_ref()) {
-                Some(list) => parse_mirror_list(list.iter().map(String::as_str)).map_err(DownloadError::BadRequest)?,
+                Some(list) => command_mirrors(list, &self.allowed_mirrors).map_err(DownloadError::BadRequest)?,
                 None => self.fetcher.config().mirrors.clone(),
             };
             let obtained = match self.obtain(&mirrors).await {
@@ -160,18 +171,20 @@ impl Downloader {
     /// Publishes `dataset.failed` for `error` (logged if even that fails).
     pub async fn report_failure(&self, error: &DownloadError, origin: &Origin, role: &str, will_retry: bool) {
         let mirrors_tried = match origin.command.as_ref().and_then(|c| c.mirrors.clone()) {
-            Some(list) => list,
+            // As the command wrote them, without credentials: the event is public.
+            Some(list) => list.iter().map(|m| redact_credentials(m).into_owned()).collect(),
             None => self.fetcher.config().mirrors.iter().map(display_mirror).collect(),
         };
+        let reason = redact_credentials(&error.to_string()).into_owned();
         let event = DatasetFailed {
             event_id: origin.event_id(role),
             request_id: origin.request_id(),
-            reason: error.to_string(),
+            reason: reason.clone(),
             mirrors_tried,
             will_retry,
             at: Utc::now(),
         };
-        error!(error = %error, reason = error.reason(), will_retry, "Download failed.");
+        error!(error = %reason, reason = error.reason(), will_retry, "Download failed.");
         if let Err(e) = self.bus.publish(&event).await {
             error!(error = %e, "Could not publish dataset.failed.");
         }

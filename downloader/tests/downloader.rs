@@ -445,6 +445,52 @@ async fn invalid_commands_are_terminated_at_once_with_dataset_failed() {
     tokio::time::timeout(WAIT, service).await.expect("service did not stop").unwrap().unwrap();
 }
 
+/// Issue 14, item 5: a command may not point the downloader at the pod's own files
+/// or at a host the configuration does not list, and credentials written into a
+/// command never reach the public `dataset.failed` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_cannot_name_local_files_or_unlisted_mirrors_and_credentials_stay_out_of_events() {
+    let world = World::new();
+    let listed = MirrorServer::start(mnist_dir()).await;
+    let unlisted = MirrorServer::start(mnist_dir()).await;
+    let config = world.config(&[listed.url()], &[("DOWNLOADER_MODE", "service"), ("DOWNLOADER_AUTO_TRAIN", "false")]);
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(mnistflow_downloader::main_with(config, shutdown.clone()));
+    let mut events = world.watch().await;
+    let client = mnistflow_nats::async_nats::connect(world.nats.url()).await.unwrap();
+    Bus::new(client.clone(), mnistflow_nats::Subjects::default()).ensure_streams().await.unwrap();
+
+    let local = format!("file://{}/", mnist_dir().display());
+    let with_credentials = unlisted.url().replacen("http://", "http://alice:s3cret@", 1);
+    for mirrors in [vec![local.clone()], vec![unlisted.url()], vec![with_credentials]] {
+        let payload = serde_json::json!({ "mirrors": mirrors, "auto_train": false }).to_string();
+        client.publish("mnist.dataset.download", Bytes::from(payload)).await.unwrap();
+    }
+    client.flush().await.unwrap();
+
+    let local_refused: DatasetFailed = next_on(&mut events, "mnist.dataset.failed").await;
+    assert!(local_refused.reason.contains("cannot name a file:// mirror"), "{}", local_refused.reason);
+    assert!(!local_refused.will_retry);
+    let unlisted_refused: DatasetFailed = next_on(&mut events, "mnist.dataset.failed").await;
+    assert!(unlisted_refused.reason.contains("is not an allowed mirror"), "{}", unlisted_refused.reason);
+    assert!(!unlisted_refused.will_retry);
+    let credentials_refused: DatasetFailed = next_on(&mut events, "mnist.dataset.failed").await;
+    let shown = serde_json::to_string(&credentials_refused).unwrap();
+    assert!(credentials_refused.reason.contains("cannot carry mirror credentials"), "{shown}");
+    assert!(!shown.contains("s3cret") && !shown.contains("alice"), "credentials in the event: {shown}");
+    assert!(credentials_refused.mirrors_tried[0].contains("***@"), "{shown}");
+    assert!(unlisted.requests().is_empty(), "the unlisted mirror was contacted: {:?}", unlisted.requests());
+    assert!(listed.requests().is_empty(), "{:?}", listed.requests());
+
+    // The configured mirror, named in a command, is allowed.
+    let payload = serde_json::json!({ "mirrors": [listed.url()], "auto_train": false }).to_string();
+    client.publish("mnist.dataset.download", Bytes::from(payload)).await.unwrap();
+    let ready: DatasetReady = next_on(&mut events, "mnist.dataset.ready").await;
+    assert_eq!(ready.source, listed.url());
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, service).await.expect("service did not stop").unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_bytes_on_one_mirror_fall_through_to_the_next_without_retrying_it() {
     let world = World::new();

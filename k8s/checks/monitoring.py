@@ -370,13 +370,17 @@ def run_live(stack: Stack, tmp: Path) -> None:
     time.sleep(0.1)
     nats_url = json.loads(ports_file.read_text())["nats"][0]
 
-    ports = {name: free_port() for name in ("downloader", "trainer", "inference", "web", "web-metrics", "prometheus")}
+    ports = {name: free_port() for name in ("downloader", "trainer", "inference", "web", "web-metrics", "prometheus",
+                                                 "dead-mirror")}
     base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
     common = {**base, "NATS_URL": nats_url, "STORE_URL": str(tmp / "store"), "LOG_FORMAT": "json", "RUST_LOG": "info"}
     stack.spawn("downloader", [str(BIN / "downloader")], {
         **common, "DOWNLOADER_MODE": "service", "DOWNLOADER_METRICS_ADDR": f"127.0.0.1:{ports['downloader']}",
         "DOWNLOADER_PROGRESS": "off", "DOWNLOADER_TMP_DIR": str(tmp), "DOWNLOADER_RETRIES": "0",
-        "DOWNLOADER_MAX_DELIVER": "1", "DOWNLOADER_AUTO_TRAIN": "false"})
+        "DOWNLOADER_MAX_DELIVER": "1", "DOWNLOADER_AUTO_TRAIN": "false",
+        # MNIST from the local copy; commands may name only the (dead) http mirror.
+        "DOWNLOADER_MIRRORS": f"file://{MNIST}/",
+        "DOWNLOADER_ALLOWED_MIRRORS": f"http://127.0.0.1:{ports['dead-mirror']}/"})
     stack.spawn("trainer", [str(BIN / "trainer")], {
         **common, "TRAINER_MODE": "worker", "TRAINER_METRICS_ADDR": f"127.0.0.1:{ports['trainer']}",
         "TRAINER_ACCURACY_FLOOR": "0", "TRAINER_THREADS": "1", "TRAINER_PROGRESS_BAR": "off"})
@@ -411,11 +415,12 @@ def run_live(stack: Stack, tmp: Path) -> None:
         return
     prom = Prometheus(prom_url)
 
-    # Traffic. A download from a mirror that does not exist (given up at once:
-    # DOWNLOADER_MAX_DELIVER=1), then MNIST from a file:// mirror, then a tiny run.
+    # Traffic. A download from a mirror nobody answers (given up at once:
+    # DOWNLOADER_MAX_DELIVER=1), then MNIST from the configured file:// mirror, then a tiny run.
     t = time.monotonic()
-    asyncio.run(publish(nats_url, "mnist.dataset.download", {"mirrors": [f"file://{tmp}/no-such-mirror/"], "auto_train": False}))
-    asyncio.run(publish(nats_url, "mnist.dataset.download", {"mirrors": [f"file://{MNIST}/"], "auto_train": False}))
+    dead = f"http://127.0.0.1:{ports['dead-mirror']}/"
+    asyncio.run(publish(nats_url, "mnist.dataset.download", {"mirrors": [dead], "auto_train": False}))
+    asyncio.run(publish(nats_url, "mnist.dataset.download", {"auto_train": False}))
     if not wait_for("the data set stored", 60, lambda: any((tmp / "store").glob("datasets/mnist/*/manifest.json"))):
         print(stack.tail("downloader"))
         return

@@ -11,6 +11,7 @@
 //!   messages instead of panicking.
 //! - [`work`]: the work-queue runner (decode, heartbeats, ack/nak/term) and the
 //!   delivery-derived ids of commands and their answers.
+//! - [`redact`]: credentials removed from text bound for events and logs.
 //! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
 //! - [`runtime`]: process plumbing shared by every binary (tracing, shutdown).
 //! - [`telemetry`]: trace export over OTLP and W3C trace context in HTTP and NATS headers.
@@ -19,6 +20,7 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod ids;
+pub mod redact;
 pub mod runtime;
 pub mod streams;
 pub mod subjects;
@@ -32,6 +34,7 @@ pub use bus::{
 pub use config::{ConfigError, NatsConfig};
 pub use events::*;
 pub use ids::{DatasetId, EventId, ModelVersion, RunId};
+pub use redact::redact_credentials;
 pub use subjects::Subjects;
 pub use work::{DeliveryKey, Outcome, Take, Work};
 

@@ -163,7 +163,7 @@ async fn handle_one<M: Message, H: Handler<M>>(
     let command = match delivery.payload() {
         Ok(c) => c,
         Err(error) => {
-            warn!(subject = M::SUBJECT, %key, %error, raw = %String::from_utf8_lossy(delivery.raw()), "Undecodable command terminated.");
+            warn!(subject = M::SUBJECT, %key, %error, raw = %crate::redact_credentials(&String::from_utf8_lossy(delivery.raw())), "Undecodable command terminated.");
             handler.undecodable(key, error, delivery.raw()).await;
             let outcome = Outcome::Reject { reason: format!("undecodable: {error}") };
             settle(delivery, &outcome).await;
