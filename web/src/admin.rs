@@ -5,8 +5,11 @@
 //! routes were absent). A request without `Authorization: Bearer <token>` gets
 //! 401, a wrong token 403. Tokens are compared through their SHA-256 digests
 //! with a constant-time comparison, so neither content nor length leaks through
-//! timing. A published command answers 202 with its event id: the effect is
-//! asynchronous and shows up on the event stream.
+//! timing. Wrong tokens count against the client that sent them: past
+//! `WEB_ADMIN_MAX_FAILURES` the client gets 429 with `Retry-After`, whatever it
+//! sends, for `WEB_ADMIN_LOCKOUT_SECS` (see [`crate::lockout`] for who a client
+//! is behind each load balancer). A published command answers 202 with its
+//! event id: the effect is asynchronous and shows up on the event stream.
 
 use mnistflow_nats::{DatasetDownload, EventId, Message, ModelPromote, ModelVersion, TrainRequest};
 use rocket::http::Status;
@@ -21,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::lockout::Failure;
 
 /// Who the commands are attributed to (`requested_by`).
 const REQUESTED_BY: &str = "web admin";
@@ -47,6 +51,15 @@ impl<'r> FromRequest<'r> for Admin {
         let Some(expected) = &state.config.admin_token else {
             return Outcome::Error(ApiError::new(Status::NotFound, "no such page or API route").stash(req));
         };
+        let now = std::time::Instant::now();
+        let peer = req.remote().map(|a| a.ip());
+        let client =
+            crate::lockout::client_address(peer, req.headers().get("X-Forwarded-For"), state.config.forwarded_for_hops)
+                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        if let Err(left) = state.admin_lockout.check(client, now) {
+            state.metrics.admin_auth_failure("locked_out", state.admin_lockout.locked(now));
+            return Outcome::Error(locked_out(left).stash(req));
+        }
         let given = req
             .headers()
             .get_one("Authorization")
@@ -58,13 +71,36 @@ impl<'r> FromRequest<'r> for Admin {
                 ApiError::new(Status::Unauthorized, "the admin token is required (Authorization: Bearer <token>)")
                     .stash(req),
             ),
-            Some(token) if token_matches(expected.expose_secret(), token) => Outcome::Success(Self(())),
+            Some(token) if token_matches(expected.expose_secret(), token) => {
+                state.admin_lockout.succeeded(client);
+                Outcome::Success(Self(()))
+            }
             Some(_) => {
-                warn!(client = ?req.client_ip(), "Admin request with a wrong token.");
-                Outcome::Error(ApiError::new(Status::Forbidden, "the admin token is wrong").stash(req))
+                let failure = state.admin_lockout.failed(client, now);
+                state.metrics.admin_auth_failure("wrong_token", state.admin_lockout.locked(now));
+                match failure {
+                    Failure::Counted { left } => {
+                        warn!(%client, ?peer, attempts_left = left, "Admin request with a wrong token.");
+                        Outcome::Error(ApiError::new(Status::Forbidden, "the admin token is wrong").stash(req))
+                    }
+                    Failure::LockedOut(period) => {
+                        state.metrics.admin_lockout();
+                        warn!(%client, ?peer, lockout_secs = period.as_secs(), "Too many wrong admin tokens: client locked out.");
+                        Outcome::Error(locked_out(period).stash(req))
+                    }
+                }
             }
         }
     }
+}
+
+fn locked_out(left: std::time::Duration) -> ApiError {
+    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    ApiError::new(
+        Status::TooManyRequests,
+        format!("too many wrong admin tokens from this address; try again in {secs} s"),
+    )
+    .retry_after(secs)
 }
 
 /// The answer to an accepted command.

@@ -9,6 +9,9 @@
 //! | `WEB_PREDICT_ATTEMPT_TIMEOUT_MS` | how long one attempt waits before it is sent again (within the timeout above) | `2000` |
 //! | `WEB_MAX_UPLOAD_BYTES` | largest accepted upload (NATS' default `max_payload` is 1 MiB) | `1048576` |
 //! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
+//! | `WEB_ADMIN_MAX_FAILURES` | wrong admin tokens from one client before it is locked out (`lockout.rs`) | `5` |
+//! | `WEB_ADMIN_LOCKOUT_SECS` | the window those failures are counted in, and how long a lockout lasts | `900` |
+//! | `WEB_FORWARDED_FOR_HOPS` | trusted proxies appending to `X-Forwarded-For`: the client is that many entries from its right (`0`: the TCP peer; Google's Application Load Balancer: `2`) | `0` |
 //! | `WEB_EVENTS_REPLAY` | how many recent events a new page replays (plus the last of each kind) | `1000` |
 //! | `WEB_SSE_HEARTBEAT_SECS` | keep-alive comment interval on the event stream | `15` |
 //! | `WEB_MAX_EVENT_STREAMS` | open event streams allowed at once (each holds a JetStream consumer); more get 503 | `1000` |
@@ -44,6 +47,12 @@ pub struct Config {
     pub max_upload_bytes: u64,
     /// `None` disables the admin API entirely (its routes answer 404).
     pub admin_token: Option<SecretString>,
+    /// Wrong admin tokens from one client before it is locked out.
+    pub admin_max_failures: u32,
+    /// The window failures are counted in, and the lockout's length.
+    pub admin_lockout: Duration,
+    /// Trusted proxies appending to `X-Forwarded-For` (0: the TCP peer is the client).
+    pub forwarded_for_hops: usize,
     pub events_replay: usize,
     pub sse_heartbeat: Duration,
     pub max_event_streams: usize,
@@ -100,6 +109,18 @@ impl Config {
                 ));
             }
         }
+        let admin_max_failures: u32 = var_or(&lookup, "WEB_ADMIN_MAX_FAILURES", 5)?;
+        if admin_max_failures == 0 {
+            return Err(ConfigError::new("WEB_ADMIN_MAX_FAILURES", "must be at least 1"));
+        }
+        let admin_lockout_secs: u64 = var_or(&lookup, "WEB_ADMIN_LOCKOUT_SECS", 900)?;
+        if admin_lockout_secs == 0 {
+            return Err(ConfigError::new("WEB_ADMIN_LOCKOUT_SECS", "must be at least 1"));
+        }
+        let forwarded_for_hops: usize = var_or(&lookup, "WEB_FORWARDED_FOR_HOPS", 0)?;
+        if forwarded_for_hops > 16 {
+            return Err(ConfigError::new("WEB_FORWARDED_FOR_HOPS", "at most 16 trusted proxies"));
+        }
         let events_replay: usize = var_or(&lookup, "WEB_EVENTS_REPLAY", 1_000)?;
         if events_replay > MAX_EVENTS_REPLAY {
             return Err(ConfigError::new("WEB_EVENTS_REPLAY", format!("at most {MAX_EVENTS_REPLAY}")));
@@ -122,6 +143,9 @@ impl Config {
             predict_attempt_timeout: Duration::from_millis(attempt_ms.min(timeout_ms)),
             max_upload_bytes,
             admin_token,
+            admin_max_failures,
+            admin_lockout: Duration::from_secs(admin_lockout_secs),
+            forwarded_for_hops,
             events_replay,
             sse_heartbeat: Duration::from_secs(heartbeat),
             max_event_streams,

@@ -14,11 +14,20 @@ use rocket::{Request, catch};
 pub struct ApiError {
     pub status: Status,
     pub message: String,
+    /// Seconds for `Retry-After` (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), retry_after: None }
+    }
+
+    /// The same answer with `Retry-After: secs` (at least 1).
+    #[must_use]
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     /// Remembers this error on the request so that the catcher Rocket calls
@@ -41,6 +50,9 @@ impl<'r> Responder<'r, 'static> for ApiError {
             .unwrap_or_else(|_| format!("{{\"error\":{{\"code\":{code},\"message\":\"\"}}}}"));
         let mut response = Response::build();
         response.status(self.status).header(ContentType::JSON).sized_body(body.len(), std::io::Cursor::new(body));
+        if let Some(secs) = self.retry_after {
+            response.header(Header::new("Retry-After", secs.to_string()));
+        }
         if self.status == Status::Unauthorized {
             response.header(Header::new("WWW-Authenticate", "Bearer realm=\"mnistflow admin\""));
         }

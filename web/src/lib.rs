@@ -22,6 +22,7 @@ mod admin;
 pub mod config;
 mod error;
 pub mod events;
+pub mod lockout;
 mod metrics;
 mod page;
 mod predict;
@@ -54,6 +55,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     /// One permit per open event stream.
     pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
+    /// Wrong admin tokens per client.
+    pub(crate) admin_lockout: lockout::AdminLockout,
 }
 
 /// Why the web tier could not start or stopped.
@@ -101,7 +104,8 @@ pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
 fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> {
     let figment = figment(&config);
     let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
-    let state = AppState { config, bus, metrics, event_streams };
+    let admin_lockout = lockout::AdminLockout::new(config.admin_max_failures, config.admin_lockout);
+    let state = AppState { config, bus, metrics, event_streams, admin_lockout };
     rocket::custom(figment)
         .manage(state)
         .mount(

@@ -44,7 +44,15 @@ pub struct Metrics {
     predict_seconds: Histogram,
     sse_clients: Gauge,
     admin_commands: Family<AdminLabels, Counter>,
+    admin_auth_failures: Family<ReasonLabels, Counter>,
+    admin_lockouts: Counter,
+    admin_locked_clients: Gauge,
     csp_reports: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -72,9 +80,39 @@ impl Default for Metrics {
         registry.register("sse_clients", "Open event streams", sse_clients.clone());
         let admin_commands = Family::<AdminLabels, Counter>::default();
         registry.register("admin_commands", "Admin commands by command and outcome", admin_commands.clone());
+        let admin_auth_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "admin_auth_failures",
+            "Admin requests refused: wrong_token (counted towards a lockout) or locked_out",
+            admin_auth_failures.clone(),
+        );
+        let admin_lockouts = Counter::default();
+        registry.register(
+            "admin_lockouts",
+            "Clients locked out after too many wrong admin tokens",
+            admin_lockouts.clone(),
+        );
+        let admin_locked_clients = Gauge::default();
+        registry.register(
+            "admin_locked_clients",
+            "Clients locked out of the admin API now (this replica)",
+            admin_locked_clients.clone(),
+        );
         let csp_reports = Counter::default();
         registry.register("csp_reports", "Content-Security-Policy violation reports received", csp_reports.clone());
-        Self { registry, http, http_seconds, predictions, predict_seconds, sse_clients, admin_commands, csp_reports }
+        Self {
+            registry,
+            http,
+            http_seconds,
+            predictions,
+            predict_seconds,
+            sse_clients,
+            admin_commands,
+            admin_auth_failures,
+            admin_lockouts,
+            admin_locked_clients,
+            csp_reports,
+        }
     }
 }
 
@@ -99,6 +137,16 @@ impl Metrics {
         self.admin_commands
             .get_or_create(&AdminLabels { command: command.to_owned(), outcome: outcome.to_owned() })
             .inc();
+    }
+
+    /// An admin request refused for its token (`wrong_token`) or its client (`locked_out`).
+    pub(crate) fn admin_auth_failure(&self, reason: &str, locked_clients: usize) {
+        self.admin_auth_failures.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+        self.admin_locked_clients.set(i64::try_from(locked_clients).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn admin_lockout(&self) {
+        self.admin_lockouts.inc();
     }
 
     pub(crate) fn csp_report(&self) {

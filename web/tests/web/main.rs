@@ -7,4 +7,5 @@
 mod browser;
 mod common;
 mod events;
+mod lockout;
 mod routes;
