@@ -1,12 +1,18 @@
 use mnistflow_nats::BusError;
 use mnistflow_store::StoreError;
 
+/// Said once when no mirror could be reached.
+pub const UNREACHABLE_HINT: &str = ". No mirror could be reached: offline? Point DOWNLOADER_MIRRORS at a local copy \
+     (file:///path/to/mnist/; scripts/fetch-mnist makes one) where the downloader runs";
+
 /// Why a data set could not be obtained or announced.
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
-    /// Every mirror failed for one file; each entry names the file, the mirror and what went wrong.
-    #[error("{file}: every mirror failed: {}", .attempts.join("; "))]
-    Exhausted { file: String, attempts: Vec<String> },
+    /// Every mirror failed for one file; each entry names the file, the mirror and
+    /// what went wrong (repeated failures once, with their count). `unreachable`:
+    /// no mirror could be reached at all, which earns a hint (offline?).
+    #[error("{file}: every mirror failed: {}{}", .attempts.join("; "), if *.unreachable { UNREACHABLE_HINT } else { "" })]
+    Exhausted { file: String, attempts: Vec<String>, unreachable: bool },
     /// Each file is valid on its own but they do not belong together.
     #[error("the downloaded files disagree: {0}")]
     Inconsistent(String),

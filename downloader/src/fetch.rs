@@ -83,6 +83,36 @@ pub struct Staged {
     pub received: u64,
 }
 
+/// The failed attempts at one file, the same failure told once with its count
+/// (offline, two mirrors with four attempts each would otherwise repeat one DNS
+/// error eight times).
+#[derive(Debug, Default)]
+struct Attempts {
+    failures: Vec<(String, u32)>,
+    all_unreachable: bool,
+}
+
+impl Attempts {
+    fn push(&mut self, failure: String, unreachable: bool) {
+        self.all_unreachable = unreachable && (self.all_unreachable || self.failures.is_empty());
+        match self.failures.last_mut() {
+            Some((last, count)) if *last == failure => *count += 1,
+            _ => self.failures.push((failure, 1)),
+        }
+    }
+
+    fn all_unreachable(&self) -> bool {
+        self.all_unreachable && !self.failures.is_empty()
+    }
+
+    fn lines(self) -> Vec<String> {
+        self.failures
+            .into_iter()
+            .map(|(failure, count)| if count > 1 { format!("{failure} ({count} attempts)") } else { failure })
+            .collect()
+    }
+}
+
 /// A mirror URL fit for logs and events: no user name or password.
 pub fn display_mirror(url: &Url) -> String {
     let mut shown = url.clone();
@@ -137,14 +167,14 @@ impl Fetcher {
         progress: &ProgressBar,
     ) -> Result<Staged, DownloadError> {
         let path = dir.join(file.name);
-        let mut attempts = Vec::new();
+        let mut attempts = Attempts::default();
         let mut received = 0u64;
         for mirror in mirrors {
             let shown = display_mirror(mirror);
             let url = match mirror.join(file.name) {
                 Ok(url) => url,
                 Err(e) => {
-                    attempts.push(format!("{} from {shown}: {e}", file.name));
+                    attempts.push(format!("{} from {shown}: {e}", file.name), false);
                     continue;
                 }
             };
@@ -183,7 +213,8 @@ impl Fetcher {
                         self.metrics.failure(e.reason());
                         let retry = e.retryable() && attempt < self.config.retries;
                         warn!(file = file.name, mirror = %shown, attempt = attempt + 1, retry, error = %e, "Download attempt failed.");
-                        attempts.push(format!("{} from {shown}: {e}", file.name));
+                        let unreachable = matches!(e, AttemptError::Transport(_) | AttemptError::Stalled(_));
+                        attempts.push(format!("{} from {shown}: {e}", file.name), unreachable);
                         if matches!(e, AttemptError::Verify(_)) {
                             // Bad content is no prefix to resume from.
                             remove_if_present(&path).await.map_err(|e| local(&path, e))?;
@@ -196,7 +227,8 @@ impl Fetcher {
             }
         }
         remove_if_present(&path).await.map_err(|e| local(&path, e))?;
-        Err(DownloadError::Exhausted { file: file.name.to_owned(), attempts })
+        let unreachable = attempts.all_unreachable();
+        Err(DownloadError::Exhausted { file: file.name.to_owned(), attempts: attempts.lines(), unreachable })
     }
 
     async fn verify(
@@ -390,6 +422,31 @@ mod tests {
         let checksum = AttemptError::Verify(VerifyError::Checksum { expected: "a".into(), actual: "b".into() });
         assert!(!checksum.retryable());
         assert_eq!(checksum.reason(), "checksum");
+    }
+
+    #[test]
+    fn a_repeated_failure_is_told_once_with_its_count_and_unreachable_mirrors_earn_the_hint() {
+        let mut offline = Attempts::default();
+        for mirror in ["https://a.example/", "https://b.example/"] {
+            for _ in 0..4 {
+                offline.push(format!("f from {mirror}: transfer failed: dns error"), true);
+            }
+        }
+        assert!(offline.all_unreachable());
+        assert_eq!(
+            offline.lines(),
+            [
+                "f from https://a.example/: transfer failed: dns error (4 attempts)",
+                "f from https://b.example/: transfer failed: dns error (4 attempts)"
+            ]
+        );
+        let mut mixed = Attempts::default();
+        mixed.push("f from a: transfer failed: dns error".into(), true);
+        mixed.push("f from b: HTTP status 404".into(), false);
+        mixed.push("f from c: transfer failed: dns error".into(), true);
+        assert!(!mixed.all_unreachable(), "a mirror answered, so the network is up");
+        assert_eq!(mixed.lines().len(), 3);
+        assert!(!Attempts::default().all_unreachable());
     }
 
     #[test]

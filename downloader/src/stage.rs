@@ -149,7 +149,12 @@ impl Downloader {
             };
             self.bus.publish(&ready).await?;
             info!(dataset_id = %ready.dataset_id, reused = ready.reused, train = ready.train_count, test = ready.test_count, "Data set ready.");
-            if command.and_then(|c| c.auto_train).unwrap_or(self.auto_train) {
+            let asked = command.and_then(|c| c.auto_train);
+            let train = match asked {
+                Some(explicit) => explicit,
+                None => self.auto_train && !self.served_model_trained_on(&manifest.dataset_id, obtained.reused).await,
+            };
+            if train {
                 let request = TrainRequest {
                     event_id: origin.event_id("train"),
                     dataset_id: Some(manifest.dataset_id.clone()),
@@ -166,6 +171,32 @@ impl Downloader {
         }
         .instrument(span)
         .await
+    }
+
+    /// Whether the version served now was trained on this data set, which was
+    /// already stored: training again would only repeat that run (a redelivered
+    /// command, a second `download`). A command's explicit `auto_train: true`
+    /// still trains. Unreadable metadata counts as "no": training is the safe side.
+    async fn served_model_trained_on(&self, dataset: &mnistflow_nats::DatasetId, reused: bool) -> bool {
+        if !reused {
+            return false;
+        }
+        let served = match self.store.current().await {
+            Ok(Some(version)) => self.store.model_metadata(&version).await.map(|m| m.map(|m| (version, m))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match served {
+            Ok(Some((version, metadata))) if metadata.dataset_id.as_ref() == Some(dataset) => {
+                info!(%dataset, %version, "Training not requested: the served version was trained on this data set (send auto_train: true to train anyway).");
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                warn!(error = %e, "Could not read the served version's metadata; requesting training.");
+                false
+            }
+        }
     }
 
     /// Publishes `dataset.failed` for `error` (logged if even that fails).

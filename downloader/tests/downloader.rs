@@ -9,10 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use mnistflow_downloader::verify::{FILES, KNOWN_SHA256, dataset_id};
-use mnistflow_downloader::{Config, DownloadError, Downloader, Metrics};
+use mnistflow_downloader::{Config, DownloadError, Downloader, Metrics, Origin};
 use mnistflow_integration::{Fault, MirrorServer, NatsServer, free_port, mnist_dir, wait_until};
 use mnistflow_nats::async_nats::Subscriber;
-use mnistflow_nats::{Bus, DatasetFailed, DatasetReady, TrainRequest};
+use mnistflow_nats::{Bus, DatasetDownload, DatasetFailed, DatasetReady, TrainRequest};
 use mnistflow_store::{Store, idx};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
@@ -223,6 +223,61 @@ async fn a_mirror_answering_500_is_retried_then_the_next_mirror_is_used() {
     assert_eq!(good.requests().len(), 4);
     let text = downloader.metrics().encode();
     assert!(text.contains("downloader_failures_total{reason=\"http_status\"} 8"), "{text}");
+}
+
+/// Issue 16, item 4: a download of a data set already stored, whose data the
+/// served version was trained on, does not queue the same training again; a
+/// command's explicit `auto_train: true` still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_data_set_the_served_model_was_trained_on_is_not_trained_again() {
+    let world = World::new();
+    let mirror = MirrorServer::start(mnist_dir()).await;
+    let config = world.config(&[mirror.url()], &[]);
+    let downloader = world.downloader(&config).await;
+    let train_requests = || async {
+        let mut stream = downloader.bus().jetstream().get_stream("MNIST_TRAIN").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+
+    let first = downloader.run_once(&CancellationToken::new()).await.unwrap();
+    assert_eq!(train_requests().await, 1, "a new data set is trained on");
+    // Reused, but nothing is served yet: trained on.
+    assert!(downloader.run_once(&CancellationToken::new()).await.unwrap().reused);
+    assert_eq!(train_requests().await, 2);
+
+    // A served version trained on this data set (the store checks only its bytes).
+    let store = world.store();
+    let mut metadata = mnistflow_store::ModelMetadata::new(mnistflow_nats::ModelVersion::generate());
+    metadata.dataset_id = Some(first.dataset_id.clone());
+    let version = store.publish_model(Bytes::from_static(b"not a real model"), metadata).await.unwrap().version;
+    store.promote(&version).await.unwrap();
+    assert!(downloader.run_once(&CancellationToken::new()).await.unwrap().reused);
+    assert_eq!(train_requests().await, 2, "the served version was trained on this data set, yet training was queued");
+
+    let forced =
+        Origin { command: Some(DatasetDownload { auto_train: Some(true), ..DatasetDownload::default() }), key: None };
+    downloader.download(&forced).await.unwrap();
+    assert_eq!(train_requests().await, 3, "auto_train: true in a command trains anyway");
+}
+
+/// Issue 16, item 4: offline, the failure names each mirror's error once, with its
+/// count, and says what to do, instead of one DNS error per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_mirrors_are_reported_once_each_with_a_hint() {
+    let world = World::new();
+    // Nothing listens on these ports: every attempt is refused, as offline.
+    let dead = [format!("http://127.0.0.1:{}/", free_port()), format!("http://127.0.0.1:{}/", free_port())];
+    let config = world
+        .config(&[dead[0].clone(), dead[1].clone()], &[("DOWNLOADER_RETRIES", "3"), ("DOWNLOADER_BACKOFF_MS", "1")]);
+    let downloader = world.downloader(&config).await;
+
+    let error = downloader.run_once(&CancellationToken::new()).await.unwrap_err().to_string();
+
+    for mirror in &dead {
+        assert_eq!(error.matches(mirror.as_str()).count(), 1, "{mirror} told more than once: {error}");
+    }
+    assert_eq!(error.matches("(4 attempts)").count(), 2, "{error}");
+    assert_eq!(error.matches("offline? Point DOWNLOADER_MIRRORS at a local copy").count(), 1, "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
