@@ -347,7 +347,20 @@ impl Bus {
     }
 }
 
+/// Picks rustls' crypto provider for the process once. async-nats builds its TLS
+/// configuration from the process default, and with both of rustls' providers
+/// compiled in (async-nats enables `ring` and `aws-lc-rs`) there is none: the
+/// first TLS connection would panic. `ring` is the one the HTTP clients use.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err: a provider is installed already (by the embedding program), which is fine.
+        let _ = async_nats::rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 async fn options(config: &NatsConfig, disconnected: Arc<watch::Sender<u64>>) -> Result<ConnectOptions, BusError> {
+    install_tls_provider();
     let mut options = ConnectOptions::new()
         .name(&config.client_name)
         .connection_timeout(Duration::from_secs(5))
@@ -376,6 +389,13 @@ async fn options(config: &NatsConfig, disconnected: Arc<watch::Sender<u64>>) -> 
     }
     if let Some(path) = &config.creds_file {
         options = options.credentials_file(path).await.map_err(|e| BusError::Auth(format!("NATS_CREDS: {e}")))?;
+    }
+    if let Some(ca) = &config.tls_ca {
+        // The server's certificate must chain to this CA and name the host dialled.
+        options = options.require_tls(true).add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &config.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
     }
     Ok(options)
 }

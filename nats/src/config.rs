@@ -7,6 +7,8 @@
 //! | `NATS_USER` / `NATS_PASSWORD` | user/password auth | none |
 //! | `NATS_TOKEN` | token auth | none |
 //! | `NATS_CREDS` | path of a `.creds` file (NGS / decentralised auth) | none |
+//! | `NATS_TLS_CA` | PEM file of the CA(s) that signed the server's certificate: TLS is then required and the server verified against it (name and chain) | none: plain `nats://`, or TLS verified against the system's roots for `tls://` URLs |
+//! | `NATS_TLS_CERT` / `NATS_TLS_KEY` | PEM client certificate and key, for servers that verify clients (mutual TLS) | none |
 //! | `NATS_PREFIX` | subject prefix | `mnist` |
 //! | `NATS_CONNECT_TIMEOUT_SECS` | how long start-up keeps retrying an unreachable server | `60` |
 //! | `NATS_STREAM_REPLICAS` | replicas of each JetStream stream (`1`, `3` or `5`; `3` on a three-server cluster) | `1` |
@@ -114,6 +116,10 @@ pub struct NatsConfig {
     pub password: Option<SecretString>,
     pub token: Option<SecretString>,
     pub creds_file: Option<PathBuf>,
+    /// CA bundle the server's certificate must chain to; `Some` requires TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (mutual TLS).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
     /// How long [`crate::Bus::connect`] keeps retrying before giving up.
     pub connect_timeout: Duration,
     /// The client name shown in the server's monitoring.
@@ -174,6 +180,20 @@ impl NatsConfig {
         {
             return Err(ConfigError::new("NATS_CREDS", format!("{} is not a readable file", path.display())));
         }
+        let file = |name: &str| -> Result<Option<PathBuf>, ConfigError> {
+            match lookup(name).filter(|v| !v.trim().is_empty()).map(PathBuf::from) {
+                Some(path) if !path.is_file() => {
+                    Err(ConfigError::new(name, format!("{} is not a readable file", path.display())))
+                }
+                other => Ok(other),
+            }
+        };
+        let tls_ca = file("NATS_TLS_CA")?;
+        let tls_client = match (file("NATS_TLS_CERT")?, file("NATS_TLS_KEY")?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(ConfigError::new("NATS_TLS_CERT", "NATS_TLS_CERT and NATS_TLS_KEY must be set together")),
+        };
         let secs: f64 = var_or(&lookup, "NATS_CONNECT_TIMEOUT_SECS", 60.0)?;
         if !(secs.is_finite() && secs >= 0.0) {
             return Err(ConfigError::new("NATS_CONNECT_TIMEOUT_SECS", "must be a non-negative number of seconds"));
@@ -197,6 +217,8 @@ impl NatsConfig {
             password,
             token,
             creds_file,
+            tls_ca,
+            tls_client,
             connect_timeout: Duration::from_secs_f64(secs),
             client_name: "mnistflow".to_owned(),
             stream_replicas,
@@ -277,6 +299,17 @@ mod tests {
             let err = NatsConfig::from_lookup(env(Box::leak(Box::new([(var, bad)])))).unwrap_err();
             assert_eq!(err.var, var, "{var}={bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_files_must_exist_and_a_client_certificate_needs_its_key() {
+        let err = NatsConfig::from_lookup(env(&[("NATS_TLS_CA", "/no/such/ca.pem")])).unwrap_err();
+        assert_eq!(err.var, "NATS_TLS_CA");
+        let err = NatsConfig::from_lookup(env(&[("NATS_TLS_CERT", "Cargo.toml")])).unwrap_err();
+        assert_eq!(err.var, "NATS_TLS_CERT");
+        let c =
+            NatsConfig::from_lookup(env(&[("NATS_TLS_CERT", "Cargo.toml"), ("NATS_TLS_KEY", "Cargo.toml")])).unwrap();
+        assert!(c.tls_client.is_some() && c.tls_ca.is_none());
     }
 
     #[test]
