@@ -115,7 +115,41 @@ pub async fn run(command: Command, json: bool, shutdown: CancellationToken) -> R
             let bus = connect(&shutdown).await?;
             events(&bus, follow, json, &shutdown).await
         }
+        Command::Backup { dir } => {
+            // Read-only: no streams are created on the installation backed up.
+            let bus = Bus::connect(&nats_config()?, &shutdown).await?;
+            let store = Store::from_lookup(|k| std::env::var(k).ok())?;
+            let summary =
+                crate::backup::backup(&bus, &store, &dir).await.map_err(|e| CliError::new(Exit::Failed, e))?;
+            report_backup("Backed up", &summary, &dir, json);
+            Ok(Exit::Ok)
+        }
+        Command::Restore { dir } => {
+            let bus = Bus::connect(&nats_config()?, &shutdown).await?;
+            let store = Store::from_lookup(|k| std::env::var(k).ok())?;
+            let summary =
+                crate::backup::restore(&bus, &store, &dir).await.map_err(|e| CliError::new(Exit::Failed, e))?;
+            report_backup("Restored", &summary, &dir, json);
+            Ok(Exit::Ok)
+        }
     }
+}
+
+fn report_backup(done: &str, summary: &crate::backup::Summary, dir: &Path, json: bool) {
+    if json {
+        print_json(summary);
+        return;
+    }
+    let bytes: u64 = summary.objects.iter().map(|o| o.size).sum();
+    let streams: Vec<String> = summary.streams.iter().map(|(name, n)| format!("{name} {n}")).collect();
+    outln!(
+        "{done} {} objects ({:.1} MB) and the streams' messages ({}) {} {}.",
+        summary.objects.len(),
+        bytes as f64 / 1e6,
+        streams.join(", "),
+        if done == "Restored" { "from" } else { "into" },
+        dir.display()
+    );
 }
 
 /// Subscribes to the given event subjects (core NATS, live) before a command is

@@ -20,6 +20,7 @@ macro_rules! outln {
     }};
 }
 
+pub mod backup;
 pub mod commands;
 pub mod up;
 
@@ -135,6 +136,18 @@ pub enum Command {
         /// Keep following new events after the history.
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Copy the JetStream streams and the model store (NATS_URL, STORE_URL) into
+    /// a new directory.
+    Backup {
+        /// Where the backup goes (must not exist or be empty).
+        dir: PathBuf,
+    },
+    /// Restore a backup into an empty installation (NATS_URL, STORE_URL): the
+    /// store first, CURRENT last, then the streams' messages in their order.
+    Restore {
+        /// A directory written by `mnistflow backup`.
+        dir: PathBuf,
     },
 }
 

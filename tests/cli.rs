@@ -1,6 +1,8 @@
 //! The `mnistflow` binary as scripts use it: exit codes, `--json`, `--help`,
 //! against a real nats-server, a real store and real stages.
 
+mod common;
+
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -9,15 +11,7 @@ use mnistflow_nats::{Bus, DatasetFailed, EventId, NatsConfig};
 use mnistflow_store::Store;
 use tokio_util::sync::CancellationToken;
 
-fn mnistflow(env: &[(&str, &str)], args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mnistflow"))
-        .args(args)
-        .env_remove("NATS_URL")
-        .env_remove("STORE_URL")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run mnistflow")
-}
+use crate::common::{Up, http_get, mnistflow};
 
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)
@@ -243,69 +237,16 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
 
-/// A plain HTTP/1.0 GET on 127.0.0.1: status and body, `None` while nothing listens.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
-}
-
 /// One `mnistflow up` on `home`: waits until inference serves a model and the
 /// page answers, then Ctrl-C; returns the model served and what `up` said.
 fn up_once(home: &std::path::Path, log: &str) -> (String, String) {
-    let (nats, web, inference) = (free_port(), free_port(), free_port());
-    let log_path = home.join(log);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mnistflow"))
-        .args(["up", "--home"])
-        .arg(home)
-        .args(["--nats-port", &nats.to_string(), "--web-port", &web.to_string()])
-        .args(["--inference-port", &inference.to_string()])
-        .env_remove("NATS_URL")
-        .env_remove("STORE_URL")
-        .env("DOWNLOADER_MIRRORS", format!("file://{}/", mnist_dir().display()))
-        // Short and sure to be promoted; one thread (tests run side by side); no fixed ports.
-        .env("TRAINER_MAX_MINUTES", "0.1")
-        .env("TRAINER_ACCURACY_FLOOR", "0.5")
-        .env("TRAINER_THREADS", "1")
-        .env("DOWNLOADER_METRICS_ADDR", "off")
-        .env("TRAINER_METRICS_ADDR", "off")
-        .env("WEB_METRICS_ADDR", "off")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .expect("run mnistflow up");
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    let served = loop {
-        if let Some((200, body)) = http_get(inference, "/readyz") {
-            let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if let Some(v) = ready["model_version"].as_str() {
-                break v.to_owned();
-            }
-        }
-        let said = std::fs::read_to_string(&log_path).unwrap_or_default();
-        assert!(child.try_wait().unwrap().is_none(), "mnistflow up exited early:\n{said}");
-        assert!(std::time::Instant::now() < deadline, "no model served within 300 s:\n{said}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let (status, page) = http_get(web, "/").expect("the page");
+    let mut up = Up::start(home, log, &[]);
+    let served = up.wait_served();
+    let (status, page) = http_get(up.web, "/").expect("the page");
     assert_eq!(status, 200);
     assert!(page.contains("<canvas"), "the page has the drawing pad");
     // Ctrl-C: every stage stops, exit 0.
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "mnistflow up did not stop within 60 s of Ctrl-C");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let said = std::fs::read_to_string(&log_path).unwrap();
+    let (status, said) = up.interrupt();
     assert_eq!(status.code(), Some(0), "{said}");
     (served, said)
 }

@@ -273,6 +273,19 @@ impl Store {
     }
 
     /// The immediate "subdirectories" under `prefix`.
+    /// Every object's key and size, sorted by key (backups). A local store's
+    /// temporary upload files are not objects and are not listed.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn keys(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        use futures::TryStreamExt;
+        let mut keys: Vec<(String, u64)> =
+            self.inner.list(None).map_ok(|meta| (meta.location.to_string(), meta.size)).try_collect().await?;
+        keys.sort();
+        Ok(keys)
+    }
+
     async fn children(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let listing = self.inner.list_with_delimiter(Some(&Key::from(prefix))).await?;
         Ok(listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect())
