@@ -220,6 +220,37 @@ pub async fn verify(dir: &Path) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+async fn check_empty(store: &Store) -> anyhow::Result<()> {
+    if let Some((key, _)) = store.keys().await.context("listing the target store")?.first() {
+        bail!("the target store {} is not empty (it holds {key}): restore into an empty installation", store.url());
+    }
+    Ok(())
+}
+
+/// Writes every object of the backup into `store`, `CURRENT` last.
+async fn write_objects(summary: &Summary, store: &Store, dir: &Path) -> anyhow::Result<()> {
+    let (mut rest, current): (Vec<&Object>, Vec<&Object>) = summary.objects.iter().partition(|o| o.key != CURRENT_KEY);
+    rest.extend(current);
+    for object in rest {
+        let bytes = tokio::fs::read(dir.join("store").join(safe_relative(&object.key)?)).await?;
+        store.put(&object.key, Bytes::from(bytes)).await.with_context(|| format!("writing {}", object.key))?;
+    }
+    info!(objects = summary.objects.len(), store = %store.url(), "Store restored.");
+    Ok(())
+}
+
+/// Restores only the store of `dir` into an empty store: how a store moves to
+/// another shape (a volume to a bucket) while NATS stays as it is.
+///
+/// # Errors
+/// The backup does not verify, the target store is not empty, or writing fails.
+pub async fn restore_store(store: &Store, dir: &Path) -> anyhow::Result<Summary> {
+    let summary = verify(dir).await?;
+    check_empty(store).await?;
+    write_objects(&summary, store, dir).await?;
+    Ok(Summary { streams: BTreeMap::new(), ..summary })
+}
+
 /// Restores `dir` into an empty installation: the store (`CURRENT` last), then
 /// the messages of each stream in their order, with their headers.
 ///
@@ -228,9 +259,7 @@ pub async fn verify(dir: &Path) -> anyhow::Result<Summary> {
 /// writing fails.
 pub async fn restore(bus: &Bus, store: &Store, dir: &Path) -> anyhow::Result<Summary> {
     let summary = verify(dir).await?;
-    if let Some((key, _)) = store.keys().await.context("listing the target store")?.first() {
-        bail!("the target store {} is not empty (it holds {key}): restore into an empty installation", store.url());
-    }
+    check_empty(store).await?;
     bus.ensure_streams().await.context("creating the streams")?;
     for name in summary.streams.keys() {
         let mut stream = bus.jetstream().get_stream(name).await.with_context(|| format!("stream {name}"))?;

@@ -124,11 +124,15 @@ pub async fn run(command: Command, json: bool, shutdown: CancellationToken) -> R
             report_backup("Backed up", &summary, &dir, json);
             Ok(Exit::Ok)
         }
-        Command::Restore { dir } => {
-            let bus = Bus::connect(&nats_config()?, &shutdown).await?;
+        Command::Restore { dir, store_only } => {
             let store = Store::from_lookup(|k| std::env::var(k).ok())?;
-            let summary =
-                crate::backup::restore(&bus, &store, &dir).await.map_err(|e| CliError::new(Exit::Failed, e))?;
+            let summary = if store_only {
+                crate::backup::restore_store(&store, &dir).await
+            } else {
+                let bus = Bus::connect(&nats_config()?, &shutdown).await?;
+                crate::backup::restore(&bus, &store, &dir).await
+            }
+            .map_err(|e| CliError::new(Exit::Failed, e))?;
             report_backup("Restored", &summary, &dir, json);
             Ok(Exit::Ok)
         }
@@ -142,11 +146,11 @@ fn report_backup(done: &str, summary: &crate::backup::Summary, dir: &Path, json:
     }
     let bytes: u64 = summary.objects.iter().map(|o| o.size).sum();
     let streams: Vec<String> = summary.streams.iter().map(|(name, n)| format!("{name} {n}")).collect();
+    let streams = if streams.is_empty() { "none".to_owned() } else { streams.join(", ") };
     outln!(
-        "{done} {} objects ({:.1} MB) and the streams' messages ({}) {} {}.",
+        "{done} {} objects ({:.1} MB) and the streams' messages ({streams}) {} {}.",
         summary.objects.len(),
         bytes as f64 / 1e6,
-        streams.join(", "),
         if done == "Restored" { "from" } else { "into" },
         dir.display()
     );

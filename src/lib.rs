@@ -148,6 +148,10 @@ pub enum Command {
     Restore {
         /// A directory written by `mnistflow backup`.
         dir: PathBuf,
+        /// Only the store (into an empty STORE_URL; NATS is not touched): moving
+        /// a store to another place, a volume to a bucket.
+        #[arg(long)]
+        store_only: bool,
     },
 }
 

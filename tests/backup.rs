@@ -92,6 +92,17 @@ fn a_backup_restored_into_an_empty_installation_serves_the_same_version_with_the
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // The store alone moves to another place (a volume to a bucket), NATS untouched.
+    let c = tempfile::tempdir().unwrap();
+    let store_c = c.path().join("moved").display().to_string();
+    let said =
+        ok(&mnistflow(&[("STORE_URL", &store_c)], &["restore", "--store-only", &backup_arg]), "restore --store-only");
+    assert!(said.contains("messages (none)"), "{said}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&mnistflow(&[("STORE_URL", &store_c)], &["models", "list", "--json"]), "models list"))
+            .unwrap();
+    assert_eq!(listed["current"], served.as_str(), "{listed}");
+
     // `up` on the restored installation serves the same version, trains and downloads nothing.
     let mut up = Up::start(b.path(), "b.log", &[("NATS_URL", &nats_b.url())]);
     assert_eq!(up.wait_served(), served, "the restored installation serves another version");
