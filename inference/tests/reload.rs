@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use common::{Running, World, http, small_png, tiny_model};
+use futures::StreamExt;
 use mnistflow_integration::wait_until;
 use mnistflow_nats::async_nats::jetstream::consumer::pull;
 use mnistflow_nats::{InferenceLoaded, ModelPromote, ModelVersion, Prediction, Received, TypedSubscriber, streams};
