@@ -10,13 +10,15 @@ use mnistflow_store::Store;
 use tokio_util::sync::CancellationToken;
 
 fn mnistflow(env: &[(&str, &str)], args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mnistflow"))
-        .args(args)
-        .env_remove("NATS_URL")
-        .env_remove("STORE_URL")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run mnistflow")
+    mnistflow_integration::output_within(
+        Command::new(env!("CARGO_BIN_EXE_mnistflow"))
+            .args(args)
+            .env_remove("NATS_URL")
+            .env_remove("STORE_URL")
+            .envs(env.iter().copied()),
+        Duration::from_secs(120),
+        &format!("mnistflow {}", args.join(" ")),
+    )
 }
 
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {
