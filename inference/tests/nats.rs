@@ -1,6 +1,8 @@
 //! `mnist.predict` over a real nats-server: two instances in queue group
 //! `inference` share the requests of a plain NATS client and answer correctly;
-//! bad payloads get JSON errors with the HTTP codes, never silence.
+//! one of them, the real binary in its own process, SIGKILLed under load loses
+//! only the requests in flight inside it; bad payloads get JSON errors with the
+//! HTTP codes, never silence.
 
 mod common;
 
@@ -9,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{World, digit, encode, label, trained_model};
 use image::{DynamicImage, ImageFormat};
+use mnistflow_integration::wait_until;
 use mnistflow_nats::{PredictReply, subjects};
 
 async fn request(client: &mnistflow_nats::async_nats::Client, subject: &str, payload: Vec<u8>) -> PredictReply {
@@ -92,4 +95,137 @@ async fn bad_nats_payloads_get_json_errors_with_the_http_codes() {
     }
     assert!(matches!(request(&client, &subject, png).await, PredictReply::Ok(_)));
     app.stop(Duration::from_secs(10)).await;
+}
+
+/// One NATS request's outcome under load: when it started, how long it took, and
+/// the error if it got no prediction.
+type Outcome = (std::time::Instant, Duration, Result<(), String>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_instances_sigkilled_under_nats_load_loses_only_its_in_flight_requests_and_nothing_hangs() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    let world = World::new().await;
+    world.serve(&common::tiny_model(60), "tiny").await;
+    // Instance a: the real binary in its own process, so that SIGKILL kills it as
+    // it would a pod (no drain, no goodbye to the server: its socket just closes).
+    let port = mnistflow_integration::free_port();
+    let mut a = tokio::process::Command::new(env!("CARGO_BIN_EXE_inference"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("NATS_URL", world.nats.url())
+        .env("STORE_URL", world.store_dir.path())
+        .env("INFERENCE_ADDRESS", "127.0.0.1")
+        .env("INFERENCE_PORT", port.to_string())
+        .env("INFERENCE_INSTANCE", "a")
+        .env("INFERENCE_PROMOTER", "false")
+        .env("INFERENCE_WORKERS", "1")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start target/debug/inference");
+    let b = world.start(&[("INFERENCE_INSTANCE", "b"), ("INFERENCE_PROMOTER", "false")], true).await;
+    let http = common::http();
+    let a_metrics = format!("http://127.0.0.1:{port}/metrics");
+    wait_until("instance a (its own process) to be ready", Duration::from_secs(60), || {
+        let r = http.get(format!("http://127.0.0.1:{port}/readyz")).send();
+        async move { r.await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+    })
+    .await;
+
+    // The load: eight clients, one request in flight each, with the client's own
+    // request timeout (no timeout of ours around it: a request that outlives the
+    // client's timeout is a hang, caught below).
+    let timeout = Duration::from_secs(2);
+    let client = mnistflow_nats::async_nats::ConnectOptions::new()
+        .request_timeout(Some(timeout))
+        .connect(world.nats.url())
+        .await
+        .unwrap();
+    let subject = world.bus.subjects().full(subjects::PREDICT);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = 8;
+    let load: Vec<_> = (0..workers)
+        .map(|i| {
+            let (client, subject, stop) = (client.clone(), subject.clone(), stop.clone());
+            let png = encode(&DynamicImage::ImageLuma8(digit(i)), ImageFormat::Png);
+            tokio::spawn(async move {
+                let mut seen: Vec<Outcome> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let reply = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        client.request(subject.clone(), Bytes::from(png.clone())),
+                    )
+                    .await
+                    .expect("a NATS request outlived its 2 s request timeout by 28 s: it hung");
+                    let outcome = match reply {
+                        Ok(msg) => match serde_json::from_slice::<PredictReply>(&msg.payload) {
+                            // A tiny random model: any well-formed prediction is an answer.
+                            Ok(PredictReply::Ok(p)) if p.probabilities.len() == 10 => Ok(()),
+                            other => Err(format!("unexpected reply: {other:?}")),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    };
+                    seen.push((started, started.elapsed(), outcome));
+                }
+                seen
+            })
+        })
+        .collect();
+
+    // Kill a once it has answered its share of the load.
+    wait_until("instance a to answer 20 NATS requests under load", Duration::from_secs(60), || {
+        let r = http.get(&a_metrics).send();
+        async move { Some(nats_200s(&r.await.ok()?.text().await.ok()?)).filter(|&n| n >= 20) }
+    })
+    .await;
+    a.start_kill().expect("SIGKILL to instance a");
+    let status = tokio::time::timeout(Duration::from_secs(10), a.wait())
+        .await
+        .expect("instance a to die within 10 s of SIGKILL")
+        .unwrap();
+    let reaped = Instant::now();
+    assert_eq!(status.signal(), Some(9), "instance a was not killed by SIGKILL: {status}");
+
+    // Then b carries the load alone.
+    let before = nats_200s(&b.app().service().metrics.encode());
+    let service = b.app().service().clone();
+    wait_until("instance b to answer 200 NATS requests after the kill", Duration::from_secs(60), || {
+        let n = nats_200s(&service.metrics.encode());
+        async move { (n >= before + 200).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for task in load {
+        outcomes
+            .extend(tokio::time::timeout(Duration::from_secs(35), task).await.expect("a load client to stop").unwrap());
+    }
+
+    let failed: Vec<_> = outcomes.iter().filter(|(_, _, o)| o.is_err()).collect();
+    let slowest = outcomes.iter().map(|(_, took, _)| *took).max().unwrap_or_default();
+    eprintln!(
+        "{} requests, {} failed (in flight inside a when it died), slowest {slowest:?}",
+        outcomes.len(),
+        failed.len()
+    );
+    // Only what was in flight inside a is lost: at most one request per client.
+    let some = &failed[..failed.len().min(5)];
+    assert!(failed.len() <= workers, "{} requests failed, more than the {workers} in flight: {some:?}", failed.len());
+    // ... and only around the kill. The server drops a's subscription when it reads the
+    // closed socket, in well under the 1 s allowed here after the process was reaped.
+    for (started, _, outcome) in &failed {
+        let after = started.saturating_duration_since(reaped);
+        assert!(
+            *started < reaped + Duration::from_secs(1),
+            "a request sent {after:?} after the kill failed: {outcome:?}"
+        );
+    }
+    // Nothing outlives the client's timeout by more than scheduling slack.
+    assert!(slowest <= timeout + Duration::from_secs(1), "a request took {slowest:?}, past its {timeout:?} timeout");
+    b.stop(Duration::from_secs(10)).await;
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Running, World, http, small_png, tiny_model};
+use futures::StreamExt;
 use mnistflow_integration::wait_until;
 use mnistflow_nats::async_nats::jetstream::consumer::pull;
 use mnistflow_nats::{InferenceLoaded, ModelPromote, ModelVersion, Prediction, Received, TypedSubscriber, streams};
@@ -203,6 +204,13 @@ async fn promote_commands_move_current_and_unknown_versions_are_terminated_not_a
     common::publish(&world.store, &tiny_model(31), &second).await;
     let app = world.start(&[], true).await;
 
+    // An ack and a term both leave the consumer with nothing pending; only a term makes
+    // JetStream publish its terminated-message advisory, naming the stream sequence.
+    let stream_name = world.bus.subjects().stream_name(streams::COMMANDS);
+    let advisory = format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{stream_name}.{}", streams::PROMOTER_CONSUMER);
+    let mut terminated = world.bus.client().subscribe(advisory).await.unwrap();
+    world.bus.client().flush().await.unwrap();
+
     let command = |v: &str| ModelPromote { event_id: Default::default(), version: v.into(), requested_by: None };
     world.bus.publish(&command(second.as_str())).await.unwrap();
     let slot = app.app().service().slot.clone();
@@ -215,17 +223,20 @@ async fn promote_commands_move_current_and_unknown_versions_are_terminated_not_a
     .await;
     assert_eq!(world.store.current().await.unwrap(), Some(second.clone()));
 
-    world.bus.publish(&command("19990101-000000-nosuch")).await.unwrap();
-    let stream = world.bus.jetstream().get_stream(world.bus.subjects().stream_name(streams::COMMANDS)).await.unwrap();
+    let unknown = world.bus.publish(&command("19990101-000000-nosuch")).await.unwrap();
+    // The first advisory must be the unknown version's: had the good command above been
+    // terminated too, its advisory (a lower sequence) would have come first.
+    let advisory = tokio::time::timeout(Duration::from_secs(10), terminated.next())
+        .await
+        .expect("JetStream's MSG_TERMINATED advisory for the unknown version's command within 10 s")
+        .expect("the advisory subscription to stay open");
+    let advisory: serde_json::Value = serde_json::from_slice(&advisory.payload).unwrap();
+    assert_eq!(advisory["stream_seq"], unknown.sequence, "the terminated message is the unknown version's: {advisory}");
+    assert_eq!(advisory["consumer"], streams::PROMOTER_CONSUMER, "{advisory}");
+    let stream = world.bus.jetstream().get_stream(&stream_name).await.unwrap();
     let consumer = stream.get_consumer::<pull::Config>(streams::PROMOTER_CONSUMER).await.unwrap();
-    wait_until("the unknown version's command to be settled", Duration::from_secs(10), || {
-        let consumer = consumer.clone();
-        async move {
-            let info = consumer.get_info().await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence >= 2).then_some(())
-        }
-    })
-    .await;
+    let info = consumer.get_info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "both commands settled: {info:?}");
     assert_eq!(world.store.current().await.unwrap(), Some(second.clone()), "CURRENT must not move");
     assert_eq!(slot.version(), Some(second));
     let _ = first;

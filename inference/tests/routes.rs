@@ -317,9 +317,11 @@ async fn shutdown_answers_the_requests_in_flight_then_stops_within_the_deadline(
     })
     .await;
     drop(service);
-    let started = std::time::Instant::now();
-    app.stop(Duration::from_secs(10)).await;
-    assert!(started.elapsed() < Duration::from_secs(6), "drain took {:?}", started.elapsed());
+    // Time is the property here: the drain deadline (INFERENCE_DRAIN_SECS) is 5 s, and
+    // six forward passes of this model take well under a second. A drain that ignored
+    // its deadline would run past the 8 s bound; the 3 s beyond the deadline are slack
+    // for a loaded machine.
+    app.stop(Duration::from_secs(8)).await;
     for r in in_flight {
         let r = r.await.unwrap();
         assert_eq!(r.status, 200, "an in-flight request was dropped: {}", r.json);
@@ -367,15 +369,17 @@ async fn a_lone_request_is_not_held_back_to_fill_a_batch() {
     world.serve(&tiny_model(5), "served").await;
     // A batch window far longer than any forward pass: the first batch may wait
     // for it (nothing is known yet); after a batch of one, requests that come
-    // one at a time run at once.
-    let app = world.start(&[("INFERENCE_MAX_WAIT_MS", "3000")], true).await;
+    // one at a time run at once. Time is the property: a request held back waits
+    // the whole 5 s window; a tiny model answers a lone one in milliseconds, so
+    // the 3.5 s bound is slack for a loaded machine and still short of the window.
+    let app = world.start(&[("INFERENCE_MAX_WAIT_MS", "5000")], true).await;
     let url = app.url("/v1/predict");
     assert_eq!(post(&url, Some("image/png"), small_png()).await.status, 200);
     for _ in 0..3 {
         let started = std::time::Instant::now();
         assert_eq!(post(&url, Some("image/png"), small_png()).await.status, 200);
         let took = started.elapsed();
-        assert!(took < Duration::from_millis(1500), "a lone request waited {took:?} for company");
+        assert!(took < Duration::from_millis(3500), "a lone request waited {took:?} for company");
     }
     app.stop(Duration::from_secs(10)).await;
 }

@@ -11,6 +11,7 @@
 //!   bodies, slow bodies) and honours `Range` requests.
 //! - [`mnist_dir`]: the real MNIST files (`../shared/mnist`, or `MNIST_DIR`).
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+//! - [`output_within`]: run a command to its end, killed and failed past a deadline.
 //! - [`free_port`]: a loopback port nothing listens on.
 //! - [`browser`]: headless Chromium over WebDriver for the page's tests.
 //! - [`keda`]: the query and the lag of KEDA's `nats-jetstream` scaler.
@@ -86,5 +87,50 @@ where
         }
         assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `command` to its end and returns its output, like [`std::process::Command::output`],
+/// but kills it and panics naming `what` when it has not exited within `timeout`
+/// (a hung child would otherwise hang the test until CI's own limit).
+///
+/// # Panics
+/// When the command cannot be started, or on timeout.
+pub fn output_within(command: &mut std::process::Command, timeout: Duration, what: &str) -> std::process::Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {what}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child process") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+            panic!("timed out after {timeout:?} waiting for {what} to exit (killed); its stderr:\n{said}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }

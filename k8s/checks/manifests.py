@@ -54,10 +54,10 @@
              of flows that must not happen (web -> inference, trainer -> internet, ...);
              every pod's DNS path to each resolver a cluster may give it (the kube-dns
              pods, Cloud DNS at 169.254.169.254, NodeLocal DNSCache at 169.254.20.10;
-             UDP and TCP 53) is required. It evaluates the policies as written: pod
-             addresses never match ipBlock peers here (a policy that admits pods by
-             IP range passes unnoticed), and rewriting by the dataplane before policy
-             (DNAT of link-local addresses to the node's) is not modelled
+             UDP and TCP 53) is required. It evaluates the policies as written, ipBlock
+             peers against every address (pods have theirs in 10.8.0.0/16, so a policy
+             that admits pods by IP range is caught); rewriting by the dataplane before
+             policy (DNAT of link-local addresses to the node's) is not modelled
   run        (--run) each workload's real binary (target/debug) runs with exactly
              the environment its pod would get (ConfigMap + Secret + env), against
              that NATS server: only listen addresses, the store path, the mirror
@@ -67,7 +67,14 @@
              Deployment answers its probes' paths (liveness 200, readiness not
              404) and its PodMonitors' metrics paths (200) and, on SIGTERM, exits 0 before its grace period would kill it
 
+  --self-test  each check above that reads the rendered manifests (schema, env,
+             grace, ports, store, store-permissions, autopilot, gateway, flows,
+             nats-cluster)
+             must reject a deliberately broken copy of them (a few seconds; k8s/check
+             runs it)
+
 Usage: manifests.py OUT_DIR [--run]   (rendered YAML is left in OUT_DIR for checkov)
+       manifests.py --self-test
 """
 
 from __future__ import annotations
@@ -992,8 +999,8 @@ def peer_matches(peer: dict, policy_ns: str, ep: Endpoint) -> bool:
     import ipaddress
 
     if "ipBlock" in peer:
-        if ep.namespace is not None:  # pod IPs are cluster-internal; policies here never name them by IP
-            return False
+        # Matched against every address, pods' included (they have theirs in 10.8.0.0/16
+        # here): a policy that admits pods by IP range is evaluated as a CNI would.
         ip = ipaddress.ip_address(ep.ip)
         block = peer["ipBlock"]
         return ip in ipaddress.ip_network(block["cidr"]) and not any(
@@ -1280,7 +1287,97 @@ def namespaces(rendered: dict[str, list[dict]]) -> None:
         ok(f"every namespaced object of {len(rendered)} renders is in mnistflow")
 
 
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def container(docs: list[dict], kind: str, name: str) -> dict:
+    return find(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def break_flows(r: dict) -> None:
+    # Admits the pods' whole range by IP: web -> inference (which must be denied) gets in.
+    policy = next(d for d in r["base"] if d["kind"] == "NetworkPolicy"
+                  and selector_matches(d["spec"]["podSelector"], {"app.kubernetes.io/name": "inference"})
+                  and "Ingress" in d["spec"].get("policyTypes", ["Ingress"]))
+    policy["spec"].setdefault("ingress", []).append(
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 8080}]})
+
+
+def autopilot_in_tmp(rendered: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="mnistflow-k8s-self-test-") as tmp:
+        autopilot(rendered, Path(tmp))
+
+
+def schema_in_tmp(rendered: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="mnistflow-k8s-self-test-") as tmp:
+        schema({"base": rendered["base"]}, Path(tmp))
+
+
+SELF_TESTS = {
+    "schema": (lambda r: find(r["base"], "Deployment", "inference")["spec"].update(replica=2), schema_in_tmp),
+    "env": (lambda r: config_map(r["base"], "mnistflow-config")["data"].update(INFERENCE_NO_SUCH_KNOB="1"),
+            lambda r: env(r)),
+    "grace": (lambda r: find(r["base"], "Deployment", "inference")["spec"]["template"]["spec"].update(
+        terminationGracePeriodSeconds=1), lambda r: grace(r)),
+    "ports": (lambda r: container(r["base"], "Deployment", "inference")["ports"][0].update(containerPort=9999),
+              lambda r: ports(r)),
+    "store": (lambda r: container(r["base"], "Deployment", "inference").update(volumeMounts=[]), lambda r: store(r)),
+    "store-permissions": (lambda r: find(r["gke"], "Deployment", "inference")["spec"]["template"]["spec"].update(
+        securityContext={"runAsUser": 0}), lambda r: store_permissions(r)),
+    "autopilot": (lambda r: container(r["gke-autopilot"], "Deployment", "web").update(
+        securityContext={"privileged": True}), autopilot_in_tmp),
+    "gateway": (lambda r: [d for d in r["gke-https"] if d["kind"] == "HTTPRoute"][0]["spec"]["rules"][0][
+        "backendRefs"][0].update(name="no-such-service"), lambda r: gateway(r)),
+    "flows": (break_flows, lambda r: flows(r)),
+    "nats-cluster": (lambda r: find(r["gke"], "StatefulSet", "nats")["spec"].update(replicas=2),
+                     lambda r: nats_cluster_shape(r)),
+}
+
+
+def self_test() -> int:
+    """Each check must reject a deliberately broken copy of the rendered manifests."""
+    import contextlib
+    import copy
+    import io
+
+    out = Path(tempfile.mkdtemp(prefix="mnistflow-k8s-self-test-"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        rendered = render(out)
+    shutil.rmtree(out, ignore_errors=True)
+    if failures:
+        return 1
+    print("self-test (each check must reject a broken copy)", flush=True)
+    missed = []
+    for name, (breaker, check) in SELF_TESTS.items():
+        broken = copy.deepcopy(rendered)
+        try:
+            breaker(broken)
+        except Exception as e:  # the manifests changed shape: the self-test must follow
+            fail(f"{name}: could not break the manifests as planned: {e!r}")
+            continue
+        saved = list(failures)
+        failures.clear()
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                check(broken)
+            except Exception as e:  # a crash is no rejection: the check must say what is wrong
+                failures.append(f"crashed: {e!r}")
+                missed.append(name)
+        caught = list(failures)
+        failures[:] = saved
+        if caught and name not in missed:
+            ok(f"{name}: rejected ({caught[0][:150]})")
+        elif name not in missed:
+            missed.append(name)
+    for name in missed:
+        fail(f"{name}: the check passed a broken copy of the manifests")
+    return 1 if failures else 0
+
+
 def main() -> int:
+    if "--self-test" in sys.argv:
+        return self_test()
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out = Path(args[0] if args else tempfile.mkdtemp(prefix="mnistflow-k8s-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -185,24 +185,32 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_watcher_sees_a_new_version_within_a_second_on_a_local_directory() {
+async fn a_watcher_sees_a_new_version_without_waiting_for_the_poll_on_a_local_directory() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::local(dir.path()).unwrap();
+    let v0 = publish(&store, 0).await;
+    store.promote(&v0.version).await.unwrap();
     let v1 = publish(&store, 1).await;
     let shutdown = CancellationToken::new();
-    // A long poll interval: only the notify path can make the deadline.
-    let mut rx = watch_current(store.clone(), Duration::from_secs(30), shutdown.clone());
-    // Wait for the first poll (at start) to have read "nothing yet".
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    rx.borrow_and_update();
+    // A poll interval far longer than the bounds below: only the notify path can make them.
+    let mut rx = watch_current(store.clone(), Duration::from_secs(60), shutdown.clone());
+    // The first poll (at start) has read CURRENT once it reports v0; the next is 60 s away.
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| v.as_ref() == Some(&v0.version)))
+        .await
+        .expect("the watcher's first poll to report v0 within 10 s")
+        .unwrap();
+    // inotify reports the rename in milliseconds; 5 s is slack for a loaded machine
+    // and still an order of magnitude below the next poll.
     store.promote(&v1.version).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(1), rx.changed()).await.expect("no change seen within 1 s").unwrap();
-    assert_eq!(*rx.borrow_and_update(), Some(v1.version.clone()));
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.as_ref() == Some(&v1.version)))
+        .await
+        .expect("the watcher to report v1 within 5 s (the poll would take 60 s)")
+        .unwrap();
     let v2 = publish(&store, 2).await;
     store.promote(&v2.version).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|v| v.as_ref() == Some(&v2.version)))
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.as_ref() == Some(&v2.version)))
         .await
-        .expect("second change within 1 s")
+        .expect("the watcher to report v2 within 5 s (the poll would take 60 s)")
         .unwrap();
     shutdown.cancel();
 }

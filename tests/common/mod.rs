@@ -8,15 +8,18 @@ use std::time::{Duration, Instant};
 
 use mnistflow_integration::{free_port, mnist_dir};
 
-/// Runs `mnistflow` with `env` (and no inherited `NATS_URL`/`STORE_URL`).
+/// Runs `mnistflow` with `env` (and no inherited `NATS_URL`/`STORE_URL`), killed
+/// and failed if it takes more than 120 s.
 pub fn mnistflow(env: &[(&str, &str)], args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mnistflow"))
-        .args(args)
-        .env_remove("NATS_URL")
-        .env_remove("STORE_URL")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run mnistflow")
+    mnistflow_integration::output_within(
+        Command::new(env!("CARGO_BIN_EXE_mnistflow"))
+            .args(args)
+            .env_remove("NATS_URL")
+            .env_remove("STORE_URL")
+            .envs(env.iter().copied()),
+        Duration::from_secs(120),
+        &format!("mnistflow {}", args.join(" ")),
+    )
 }
 
 /// A plain HTTP/1.0 GET on 127.0.0.1: status and body, `None` while nothing listens.

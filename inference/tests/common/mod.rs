@@ -75,37 +75,82 @@ fn load_mnist(set: &str) -> (Vec<u8>, Vec<u8>) {
 /// The default model: what the trainer's `default` preset makes of the real
 /// MNIST (about 98.8 % on the test set), exported as the trainer exports it.
 /// Trained once (about 40 s on an idle 2-core machine) and cached under the
-/// target directory; a file lock keeps two test binaries from training it at
-/// the same time.
+/// target directory, keyed by what produced it ([`fixture_key`]): a change to the
+/// trainer's code, its presets or the libtorch bindings trains a new one instead
+/// of reusing a stale file. A file lock keeps two test binaries from training it
+/// at the same time. The test output names the key and whether it was trained.
 pub fn trained_model() -> &'static [u8] {
     static MODEL: OnceLock<Vec<u8>> = OnceLock::new();
     MODEL.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("mnistflow-inference-fixture-cnn-v3.pt");
+        let key = fixture_key();
+        let path = dir.join(format!("{FIXTURE_PREFIX}{key}.pt"));
         let lock = std::fs::File::create(dir.join("mnistflow-inference-fixture-cnn.lock")).unwrap();
         lock.lock().expect("locking the model fixture");
         if let Ok(bytes) = std::fs::read(&path)
             && CModule::load_data(&mut Cursor::new(&bytes)).is_ok()
         {
+            eprintln!("fixture: the default model {key}, cached in {}", path.display());
             return bytes;
         }
-        let bytes = train();
+        eprintln!("fixture: the default model {key} is not cached in {}: training it", dir.display());
+        let bytes = train(&key);
         let tmp = path.with_extension("pt.tmp");
         std::fs::write(&tmp, &bytes).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
+        // Models of earlier trainer code are never read again.
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(FIXTURE_PREFIX) && entry.path() != path {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         bytes
     })
 }
 
-fn train() -> Vec<u8> {
+const FIXTURE_PREFIX: &str = "mnistflow-inference-fixture-cnn-";
+
+/// What produced the default model: the request (`TrainRequest::default()` through
+/// `train_from_dir`, whose presets are in the trainer's source), the trainer's and
+/// the torch crate's source files and manifests, and the `tch` / `torch-sys`
+/// entries of Cargo.lock. The first 16 hex digits of their SHA-256.
+pub fn fixture_key() -> String {
+    use sha2::{Digest, Sha256};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut files = Vec::new();
+    for dir in ["trainer/src", "torch/src"] {
+        let mut found: Vec<PathBuf> =
+            std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
+        found.sort();
+        files.extend(found);
+    }
+    files.extend(["trainer/Cargo.toml", "torch/Cargo.toml"].map(|f| root.join(f)));
+    let mut hash = Sha256::new();
+    hash.update(b"train_from_dir(MNIST, TrainRequest::default())\n");
+    for file in &files {
+        hash.update(file.strip_prefix(root).unwrap().to_string_lossy().as_bytes());
+        hash.update(std::fs::read(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display())));
+    }
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).expect("reading Cargo.lock");
+    for package in lock.split("[[package]]") {
+        if package.contains("name = \"tch\"") || package.contains("name = \"torch-sys\"") {
+            hash.update(package.as_bytes());
+        }
+    }
+    hex::encode(hash.finalize())[..16].to_string()
+}
+
+fn train(key: &str) -> Vec<u8> {
     let started = std::time::Instant::now();
     let trained =
         mnistflow_trainer::train_from_dir(&mnistflow_integration::mnist_dir(), &TrainRequest::default()).unwrap();
     eprintln!(
-        "fixture: trained the default model in {:.0?}: {:.2} % on the test set",
+        "fixture: trained the default model {key} in {:.0?}: {:.2} % on the test set ({:?})",
         started.elapsed(),
-        trained.metrics.accuracy * 100.0
+        trained.metrics.accuracy * 100.0,
+        trained.hyperparameters
     );
     trained.torchscript
 }
