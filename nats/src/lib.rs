@@ -9,6 +9,8 @@
 //! - [`bus`]: the typed [`Bus`]: connect with retry, publish with `Nats-Msg-Id`
 //!   de-duplication, typed subscriptions and work queues that report undecodable
 //!   messages instead of panicking.
+//! - [`predict`]: `mnist.predict` request/reply, the typed client and the serving side.
+//! - [`replay`]: the events stream replayed, then followed live (a page's feed).
 //! - [`work`]: the work-queue runner (decode, heartbeats, ack/nak/term) and the
 //!   delivery-derived ids of commands and their answers.
 //! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
@@ -19,19 +21,20 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod ids;
+pub mod predict;
+pub mod replay;
 pub mod runtime;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
 pub mod work;
 
-pub use bus::{
-    Bus, BusError, Delivery, EventReplay, Published, Received, StoredEvent, TypedSubscriber, WorkQueue,
-    WorkQueueOptions,
-};
+pub use bus::{Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions};
 pub use config::{ConfigError, NatsConfig};
 pub use events::*;
 pub use ids::{DatasetId, EventId, ModelVersion, RunId};
+pub use predict::{PredictClient, PredictRequest, PredictRequestError, PredictRequests, Responder};
+pub use replay::{EventReplay, ReplayItem, StoredEvent};
 pub use subjects::Subjects;
 pub use work::{DeliveryKey, Outcome, Take, Work};
 

@@ -14,11 +14,20 @@ use rocket::{Request, catch};
 pub struct ApiError {
     pub status: Status,
     pub message: String,
+    /// Seconds for a `Retry-After` header (a busy inference instance's hint).
+    pub retry_after_secs: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), retry_after_secs: None }
+    }
+
+    /// Answers with `Retry-After: <secs>`.
+    #[must_use]
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
     }
 
     /// Remembers this error on the request so that the catcher Rocket calls
@@ -43,6 +52,9 @@ impl<'r> Responder<'r, 'static> for ApiError {
         response.status(self.status).header(ContentType::JSON).sized_body(body.len(), std::io::Cursor::new(body));
         if self.status == Status::Unauthorized {
             response.header(Header::new("WWW-Authenticate", "Bearer realm=\"mnistflow admin\""));
+        }
+        if let Some(secs) = self.retry_after_secs {
+            response.header(Header::new("Retry-After", secs.to_string()));
         }
         response.ok()
     }
