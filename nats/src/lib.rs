@@ -1,4 +1,7 @@
-//! mnistflow's wire contract, the only crate that serialises or publishes.
+//! mnistflow's wire contract: what travels on NATS and how. Stages publish,
+//! consume, request and reply through its typed [`Bus`], so no stage writes a
+//! subject or a message payload by hand (artefacts in the store, such as a model's
+//! metadata, are the store's business, not this crate's).
 //!
 //! - [`subjects`]: every subject, under a configurable prefix (`mnist` by default).
 //! - [`ids`]: UUID v7 event ids and the other identifiers that travel in payloads.
@@ -39,5 +42,6 @@ pub use subjects::Subjects;
 pub use work::{DeliveryKey, Outcome, Take, Work};
 
 /// Re-exported so that callers need not depend on `async-nats` directly for the
-/// few client types the bus hands out (request/reply for predictions).
+/// few client types the bus takes or hands out (a replay's `DeliverPolicy`,
+/// headers, the raw client of the test kit).
 pub use async_nats;

@@ -112,10 +112,10 @@ pub fn stream_configs(subjects: &Subjects, replicas: usize) -> Vec<stream::Confi
     ]
 }
 
-/// The durable pull consumer for a work-carrying command.
-///
-/// `ack_wait` is how long a delivery may go without an ack or an in-progress
-/// signal before the server redelivers it; long work sends in-progress acks.
+/// The durable pull consumer for a work-carrying command, with
+/// [`DEFAULT_ACK_WAIT`]: [`Bus::work_queue`](crate::Bus::work_queue) sets the
+/// consuming stage's own (how long a delivery may go without an ack or an
+/// in-progress signal before the server redelivers it).
 pub fn work_consumer_config(
     subjects: &Subjects,
     suffix: &str,
