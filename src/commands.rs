@@ -10,7 +10,7 @@ use mnistflow_nats::async_nats::jetstream::consumer::DeliverPolicy;
 use mnistflow_nats::events::Message;
 use mnistflow_nats::{
     Bus, DatasetDownload, DatasetFailed, DatasetReady, EventId, InferenceLoaded, ModelPromote, ModelPublished,
-    ModelVersion, NatsConfig, PredictReply, TrainFailed, TrainProgress, TrainRequest, subjects,
+    ModelVersion, NatsConfig, PredictClient, PredictReply, TrainFailed, TrainProgress, TrainRequest, subjects,
 };
 use mnistflow_store::Store;
 use serde::de::DeserializeOwned;
@@ -400,23 +400,14 @@ async fn predict(
 }
 
 async fn predict_nats(bus: &Bus, bytes: Vec<u8>, timeout: Duration) -> Result<PredictReply, CliError> {
-    use mnistflow_nats::async_nats::RequestErrorKind;
-    let mut request = mnistflow_nats::async_nats::Request::new().payload(bytes.into());
-    let mut headers = mnistflow_nats::async_nats::HeaderMap::new();
-    mnistflow_nats::telemetry::inject_nats(&tracing::Span::current(), &mut headers);
-    if !headers.is_empty() {
-        request = request.headers(headers);
-    }
-    let request = bus.client().send_request(bus.subjects().full(subjects::PREDICT), request);
-    match tokio::time::timeout(timeout, request).await {
-        Err(_) => Err(CliError::new(Exit::Unavailable, anyhow!("no prediction within {timeout:?}"))),
-        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Err(CliError::new(
-            Exit::Unavailable,
-            anyhow!("no inference instance is running (no responders on mnist.predict)"),
-        )),
-        Ok(Err(e)) => Err(CliError::new(Exit::Unavailable, anyhow!("prediction request failed: {e}"))),
-        Ok(Ok(msg)) => serde_json::from_slice(&msg.payload)
-            .map_err(|e| CliError::new(Exit::Failed, anyhow!("undecodable reply: {e}"))),
+    use mnistflow_nats::PredictRequestError;
+    match PredictClient::new(bus.clone()).predict(bytes.into(), timeout).await {
+        Ok(reply) => Ok(reply),
+        Err(PredictRequestError::Timeout(_)) => {
+            Err(CliError::new(Exit::Unavailable, anyhow!("no prediction within {timeout:?}")))
+        }
+        Err(e @ PredictRequestError::BadReply(_)) => Err(CliError::new(Exit::Failed, e)),
+        Err(e) => Err(CliError::new(Exit::Unavailable, e)),
     }
 }
 

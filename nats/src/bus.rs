@@ -21,28 +21,63 @@ use crate::streams;
 use crate::subjects::Subjects;
 use crate::work::DeliveryKey;
 
-/// What can go wrong talking to NATS.
+/// A failure's cause, kept as the error's source (the client's own error types).
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// What can go wrong talking to NATS. The client's error is each variant's
+/// `source` (print the chain with `{:#}` through `anyhow`).
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// The server stayed unreachable for the whole connect timeout.
-    #[error("NATS_URL: cannot reach {url} after {attempts} attempts over {waited:?}: {last_error}")]
-    Unreachable { url: String, attempts: u32, waited: Duration, last_error: String },
-    /// The server refused our credentials; retrying will not help.
-    #[error("NATS_USER/NATS_PASSWORD/NATS_TOKEN/NATS_CREDS: the server refused the credentials: {0}")]
-    Auth(String),
+    #[error("NATS_URL: cannot reach {url} after {attempts} attempts over {waited:?}")]
+    Unreachable {
+        url: String,
+        attempts: u32,
+        waited: Duration,
+        #[source]
+        last_error: async_nats::ConnectError,
+    },
+    /// The server refused our credentials (or the credentials file is unreadable); retrying will not help.
+    #[error("NATS_USER/NATS_PASSWORD/NATS_TOKEN/NATS_CREDS: the server refused the credentials")]
+    Auth(#[source] Cause),
     /// Shutdown was requested while connecting.
     #[error("shutdown requested while connecting to NATS")]
     Cancelled,
-    #[error("JetStream stream setup failed: {0}")]
-    Stream(String),
-    #[error("publish to {subject} failed: {message}")]
-    Publish { subject: String, message: String },
-    #[error("subscribe to {subject} failed: {message}")]
-    Subscribe { subject: String, message: String },
-    #[error("acknowledging a message failed: {0}")]
-    Ack(String),
-    #[error("encoding a payload failed: {0}")]
+    /// A stream or consumer could not be read, created or updated; `what` names it.
+    #[error("JetStream set-up failed: {what}")]
+    Stream {
+        what: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("publish to {subject} failed after {attempts} attempts")]
+    Publish {
+        subject: String,
+        attempts: u32,
+        #[source]
+        source: Cause,
+    },
+    #[error("subscribe to {subject} failed")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("acknowledging a message failed")]
+    Ack(#[source] Cause),
+    #[error("encoding a payload failed")]
     Encode(#[from] serde_json::Error),
+}
+
+impl BusError {
+    /// A stream or consumer failure, `what` naming it.
+    pub(crate) fn stream(what: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::Stream { what: what.into(), source: source.into() }
+    }
+
+    pub(crate) fn subscribe(subject: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::Subscribe { subject: subject.into(), source: source.into() }
+    }
 }
 
 /// The server's answer to a JetStream publish.
@@ -98,19 +133,18 @@ impl Bus {
                     return Ok(bus);
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     if matches!(
                         e.kind(),
                         async_nats::ConnectErrorKind::Authentication
                             | async_nats::ConnectErrorKind::AuthorizationViolation
                     ) {
-                        return Err(BusError::Auth(message));
+                        return Err(BusError::Auth(e.into()));
                     }
                     let waited = started.elapsed();
                     if waited + delay > config.connect_timeout {
-                        return Err(BusError::Unreachable { url, attempts, waited, last_error: message });
+                        return Err(BusError::Unreachable { url, attempts, waited, last_error: e });
                     }
-                    warn!(%url, attempts, error = %message, retry_in_ms = delay.as_millis() as u64, "NATS unreachable, retrying.");
+                    warn!(%url, attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "NATS unreachable, retrying.");
                     tokio::select! {
                         biased;
                         () = shutdown.cancelled() => return Err(BusError::Cancelled),
@@ -216,7 +250,7 @@ impl Bus {
                         _ => false,
                     };
                     if !retryable || started.elapsed() + delay > self.publish_retry {
-                        return Err(BusError::Publish { subject, message: format!("{e} (after {attempt} attempts)") });
+                        return Err(BusError::Publish { subject, attempts: attempt, source: e.into() });
                     }
                     warn!(%subject, attempt, error = %e, "Publish not acknowledged; retrying with the same Nats-Msg-Id.");
                     tokio::time::sleep(delay).await;
@@ -233,11 +267,7 @@ impl Bus {
     /// The client is closed.
     pub async fn subscribe<M: Message>(&self) -> Result<TypedSubscriber<M>, BusError> {
         let subject = self.subjects.full(M::SUBJECT);
-        let inner = self
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| BusError::Subscribe { subject, message: e.to_string() })?;
+        let inner = self.client.subscribe(subject.clone()).await.map_err(|e| BusError::subscribe(subject, e))?;
         Ok(TypedSubscriber { inner, _type: PhantomData })
     }
 
@@ -251,10 +281,10 @@ impl Bus {
     /// `M` is not a work-queue command, or the stream is missing.
     pub async fn work_queue<M: Message>(&self, options: WorkQueueOptions) -> Result<WorkQueue<M>, BusError> {
         let Some(def) = streams::work_consumer(M::SUBJECT) else {
-            return Err(BusError::Stream(format!("{} is not a work-queue command", M::SUBJECT)));
+            return Err(BusError::stream(format!("{} as a work queue", M::SUBJECT), "it is not a work-queue command"));
         };
         let (durable, name) = (def.durable, self.subjects.stream_name(def.stream));
-        let stream = self.js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
+        let stream = self.js.get_stream(&name).await.map_err(|e| BusError::stream(format!("stream {name}"), e))?;
         let mut config = streams::work_consumer_config(
             &self.subjects,
             M::SUBJECT,
@@ -263,9 +293,9 @@ impl Bus {
             self.stream_replicas,
         );
         config.ack_wait = options.ack_wait;
-        let fail = |e: &dyn std::fmt::Display| BusError::Stream(format!("consumer {durable} on {name}: {e}"));
+        let fail = |e: Cause| BusError::stream(format!("consumer {durable} on {name}"), e);
         let mut consumer: PullConsumer =
-            stream.get_or_create_consumer(durable, config.clone()).await.map_err(|e| fail(&e))?;
+            stream.get_or_create_consumer(durable, config.clone()).await.map_err(|e| fail(e.into()))?;
         let current = &consumer.cached_info().config;
         if current.ack_wait != options.ack_wait
             || current.max_deliver != options.max_deliver
@@ -277,73 +307,16 @@ impl Bus {
                 max_deliver = options.max_deliver,
                 "Updating the work-queue consumer to this stage's settings."
             );
-            stream.update_consumer(config).await.map_err(|e| fail(&e))?;
-            consumer = stream.get_consumer(durable).await.map_err(|e| fail(&e))?;
+            stream.update_consumer(config).await.map_err(|e| fail(e.into()))?;
+            consumer = stream.get_consumer(durable).await.map_err(fail)?;
         }
         let messages = consumer
             .stream()
             .max_messages_per_batch(1)
             .messages()
             .await
-            .map_err(|e| BusError::Subscribe { subject: self.subjects.full(M::SUBJECT), message: e.to_string() })?;
+            .map_err(|e| BusError::subscribe(self.subjects.full(M::SUBJECT), e))?;
         Ok(WorkQueue { consumer, messages, _type: PhantomData })
-    }
-}
-
-/// One message from the events stream, undecoded (its type follows from `suffix`).
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    /// The subject without the prefix, e.g. `model.published`.
-    pub suffix: String,
-    pub payload: bytes::Bytes,
-    /// Stream sequence: increasing, gap-free per stream.
-    pub sequence: u64,
-}
-
-/// A replay of the events stream followed by live events.
-pub struct EventReplay {
-    messages: jetstream::consumer::pull::Ordered,
-    subjects: Subjects,
-    /// The stream's last sequence when the replay began: everything up to it is history.
-    pub last_at_start: u64,
-}
-
-impl EventReplay {
-    /// The next stored event (history first, then live); `None` when the stream ends.
-    pub async fn next(&mut self) -> Option<Result<StoredEvent, BusError>> {
-        let msg = self.messages.next().await?;
-        Some(match msg {
-            Ok(m) => {
-                let sequence = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                let suffix = self.subjects.suffix(&m.subject).unwrap_or(m.subject.as_str()).to_owned();
-                Ok(StoredEvent { suffix, payload: m.payload.clone(), sequence })
-            }
-            Err(e) => Err(BusError::Subscribe { subject: self.subjects.all(), message: e.to_string() }),
-        })
-    }
-}
-
-impl Bus {
-    /// Replays the events stream from `from` (e.g. `DeliverPolicy::All`,
-    /// `DeliverPolicy::LastPerSubject`, `ByStartTime`), then follows it live,
-    /// through an ephemeral ordered consumer.
-    ///
-    /// # Errors
-    /// The events stream is missing (call [`Bus::ensure_streams`]).
-    pub async fn replay_events(&self, from: jetstream::consumer::DeliverPolicy) -> Result<EventReplay, BusError> {
-        let name = self.subjects.stream_name(streams::EVENTS);
-        let mut stream =
-            self.js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
-        let last_at_start = stream.info().await.map_err(|e| BusError::Stream(e.to_string()))?.state.last_sequence;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig { deliver_policy: from, ..Default::default() })
-            .await
-            .map_err(|e| BusError::Stream(format!("replay consumer on {name}: {e}")))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| BusError::Subscribe { subject: self.subjects.all(), message: e.to_string() })?;
-        Ok(EventReplay { messages, subjects: self.subjects.clone(), last_at_start })
     }
 }
 
@@ -388,7 +361,7 @@ async fn options(config: &NatsConfig, disconnected: Arc<watch::Sender<u64>>) -> 
         options = options.token(token.expose_secret().to_owned());
     }
     if let Some(path) = &config.creds_file {
-        options = options.credentials_file(path).await.map_err(|e| BusError::Auth(format!("NATS_CREDS: {e}")))?;
+        options = options.credentials_file(path).await.map_err(|e| BusError::Auth(e.into()))?;
     }
     if let Some(ca) = &config.tls_ca {
         // The server's certificate must chain to this CA and name the host dialled.
@@ -474,7 +447,7 @@ impl<M: Message> WorkQueue<M> {
     /// # Errors
     /// The server did not answer.
     pub async fn pending(&mut self) -> Result<u64, BusError> {
-        let info = self.consumer.info().await.map_err(|e| BusError::Stream(e.to_string()))?;
+        let info = self.consumer.info().await.map_err(|e| BusError::stream("work-queue consumer info", e))?;
         Ok(info.num_pending)
     }
 }
@@ -531,7 +504,7 @@ impl<M: Message> Delivery<M> {
     /// # Errors
     /// The server did not confirm the ack.
     pub async fn ack(&self) -> Result<(), BusError> {
-        self.msg.double_ack().await.map_err(|e| BusError::Ack(e.to_string()))
+        self.msg.double_ack().await.map_err(BusError::Ack)
     }
 
     /// Tells the server the work is still going (resets the ack timer).
@@ -539,7 +512,7 @@ impl<M: Message> Delivery<M> {
     /// # Errors
     /// The signal could not be sent.
     pub async fn in_progress(&self) -> Result<(), BusError> {
-        self.msg.ack_with(AckKind::Progress).await.map_err(|e| BusError::Ack(e.to_string()))
+        self.msg.ack_with(AckKind::Progress).await.map_err(BusError::Ack)
     }
 
     /// Asks for redelivery after `delay` (a transient failure).
@@ -547,7 +520,7 @@ impl<M: Message> Delivery<M> {
     /// # Errors
     /// The signal could not be sent.
     pub async fn nak(&self, delay: Option<Duration>) -> Result<(), BusError> {
-        self.msg.ack_with(AckKind::Nak(delay)).await.map_err(|e| BusError::Ack(e.to_string()))
+        self.msg.ack_with(AckKind::Nak(delay)).await.map_err(BusError::Ack)
     }
 
     /// Stops redelivery for good (an invalid command).
@@ -555,7 +528,7 @@ impl<M: Message> Delivery<M> {
     /// # Errors
     /// The signal could not be sent.
     pub async fn term(&self) -> Result<(), BusError> {
-        self.msg.ack_with(AckKind::Term).await.map_err(|e| BusError::Ack(e.to_string()))
+        self.msg.ack_with(AckKind::Term).await.map_err(BusError::Ack)
     }
 }
 

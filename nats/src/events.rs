@@ -299,12 +299,39 @@ pub struct PredictError {
 pub struct ErrorBody {
     pub code: u16,
     pub message: String,
+    /// Seconds after which a busy instance suggests sending the request again;
+    /// absent from the replies of most errors (and then not written at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u32>,
 }
 
 impl PredictError {
     pub fn new(code: u16, message: impl Into<String>) -> Self {
-        Self { error: ErrorBody { code, message: message.into() } }
+        Self { error: ErrorBody { code, message: message.into(), retry_after_secs: None } }
     }
+
+    /// A busy answer (503): the request may succeed if sent again after `retry_after_secs`.
+    pub fn busy(message: impl Into<String>, retry_after_secs: u32) -> Self {
+        Self { error: ErrorBody { code: 503, message: message.into(), retry_after_secs: Some(retry_after_secs) } }
+    }
+
+    /// What kind of refusal this is, for a caller that answers it in turn.
+    pub fn kind(&self) -> Refusal {
+        match (self.error.code, self.error.retry_after_secs) {
+            (503, retry_after_secs) => Refusal::Busy { retry_after_secs },
+            (code, _) => Refusal::Rejected { code },
+        }
+    }
+}
+
+/// The kinds of [`PredictError`] a caller tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The instance could not take the request now (a full queue, no model yet,
+    /// shutting down); with a hint, the seconds after which to try again.
+    Busy { retry_after_secs: Option<u32> },
+    /// The request itself was refused (bad input: 4xx) or failed (5xx).
+    Rejected { code: u16 },
 }
 
 /// A reply on `mnist.predict`: either a prediction or an error.
@@ -339,5 +366,21 @@ mod tests {
         assert!(matches!(ok, PredictReply::Ok(Prediction { digit: 7, .. })));
         let err: PredictReply = serde_json::from_str(r#"{"error":{"code":415,"message":"no"}}"#).unwrap();
         assert!(matches!(err, PredictReply::Err(PredictError { error: ErrorBody { code: 415, .. } })));
+    }
+
+    #[test]
+    fn error_replies_keep_their_wire_shape_and_busy_ones_are_typed() {
+        let plain = PredictError::new(503, "the prediction queue is full; retry shortly");
+        assert_eq!(
+            serde_json::to_string(&PredictReply::Err(plain.clone())).unwrap(),
+            r#"{"error":{"code":503,"message":"the prediction queue is full; retry shortly"}}"#
+        );
+        assert_eq!(plain.kind(), Refusal::Busy { retry_after_secs: None });
+        let busy: PredictReply =
+            serde_json::from_str(r#"{"error":{"code":503,"message":"busy","retry_after_secs":2}}"#).unwrap();
+        let PredictReply::Err(busy) = busy else { panic!("a busy reply decoded as a prediction") };
+        assert_eq!(busy.kind(), Refusal::Busy { retry_after_secs: Some(2) });
+        assert_eq!(busy, PredictError::busy("busy", 2));
+        assert_eq!(PredictError::new(415, "no").kind(), Refusal::Rejected { code: 415 });
     }
 }

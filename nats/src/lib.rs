@@ -1,4 +1,7 @@
-//! mnistflow's wire contract, the only crate that serialises or publishes.
+//! mnistflow's wire contract: what travels on NATS and how. Stages publish,
+//! consume, request and reply through its typed [`Bus`], so no stage writes a
+//! subject or a message payload by hand (artefacts in the store, such as a model's
+//! metadata, are the store's business, not this crate's).
 //!
 //! - [`subjects`]: every subject, under a configurable prefix (`mnist` by default).
 //! - [`ids`]: UUID v7 event ids and the other identifiers that travel in payloads.
@@ -9,6 +12,8 @@
 //! - [`bus`]: the typed [`Bus`]: connect with retry, publish with `Nats-Msg-Id`
 //!   de-duplication, typed subscriptions and work queues that report undecodable
 //!   messages instead of panicking.
+//! - [`predict`]: `mnist.predict` request/reply, the typed client and the serving side.
+//! - [`replay`]: the events stream replayed, then followed live (a page's feed).
 //! - [`work`]: the work-queue runner (decode, heartbeats, ack/nak/term) and the
 //!   delivery-derived ids of commands and their answers.
 //! - [`redact`]: credentials removed from text bound for events and logs.
@@ -20,24 +25,26 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod ids;
+pub mod predict;
 pub mod redact;
+pub mod replay;
 pub mod runtime;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
 pub mod work;
 
-pub use bus::{
-    Bus, BusError, Delivery, EventReplay, Published, Received, StoredEvent, TypedSubscriber, WorkQueue,
-    WorkQueueOptions,
-};
+pub use bus::{Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions};
 pub use config::{ConfigError, NatsConfig};
 pub use events::*;
 pub use ids::{DatasetId, EventId, ModelVersion, RunId};
+pub use predict::{PredictClient, PredictRequest, PredictRequestError, PredictRequests, Responder};
 pub use redact::redact_credentials;
+pub use replay::{EventReplay, ReplayItem, StoredEvent};
 pub use subjects::Subjects;
 pub use work::{DeliveryKey, Outcome, Take, Work};
 
 /// Re-exported so that callers need not depend on `async-nats` directly for the
-/// few client types the bus hands out (request/reply for predictions).
+/// few client types the bus takes or hands out (a replay's `DeliverPolicy`,
+/// headers, the raw client of the test kit).
 pub use async_nats;

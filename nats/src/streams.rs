@@ -112,10 +112,10 @@ pub fn stream_configs(subjects: &Subjects, replicas: usize) -> Vec<stream::Confi
     ]
 }
 
-/// The durable pull consumer for a work-carrying command.
-///
-/// `ack_wait` is how long a delivery may go without an ack or an in-progress
-/// signal before the server redelivers it; long work sends in-progress acks.
+/// The durable pull consumer for a work-carrying command, with
+/// [`DEFAULT_ACK_WAIT`]: [`Bus::work_queue`](crate::Bus::work_queue) sets the
+/// consuming stage's own (how long a delivery may go without an ack or an
+/// in-progress signal before the server redelivers it).
 pub fn work_consumer_config(
     subjects: &Subjects,
     suffix: &str,
@@ -160,7 +160,7 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usiz
         };
         js.create_or_update_stream(config)
             .await
-            .map_err(|e| BusError::Stream(format!("creating or updating stream {name} ({replicas} replicas): {e}")))?;
+            .map_err(|e| BusError::stream(format!("creating or updating stream {name} ({replicas} replicas)"), e))?;
         if let Some(before) = before
             && before != replicas
         {
@@ -169,8 +169,8 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usiz
     }
     for c in &WORK_CONSUMERS {
         let name = subjects.stream_name(c.stream);
-        let stream = js.get_stream(&name).await.map_err(|e| BusError::Stream(format!("stream {name}: {e}")))?;
-        let fail = |e: &dyn std::fmt::Display| BusError::Stream(format!("consumer {} on {name}: {e}", c.durable));
+        let stream = js.get_stream(&name).await.map_err(|e| BusError::stream(format!("stream {name}"), e))?;
+        let fail = |e: crate::bus::Cause| BusError::stream(format!("consumer {} on {name}", c.durable), e);
         match stream.get_consumer::<consumer::pull::Config>(c.durable).await {
             Ok(existing) => {
                 // Raised explicitly, its other settings kept: seen here on
@@ -193,7 +193,7 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usiz
                                 debug!(consumer = c.durable, error = %e, "Consumer update refused for now; retrying.");
                                 tokio::time::sleep(Duration::from_millis(250)).await;
                             }
-                            Err(e) => return Err(fail(&e)),
+                            Err(e) => return Err(fail(e.into())),
                         }
                     }
                     info!(consumer = c.durable, stream = %name, before, replicas, "Consumer replicas changed in place.");
@@ -204,7 +204,7 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usiz
                 stream
                     .get_or_create_consumer::<consumer::pull::Config>(c.durable, config)
                     .await
-                    .map_err(|e| fail(&e))?;
+                    .map_err(|e| fail(e.into()))?;
             }
         }
     }

@@ -131,7 +131,7 @@ pub async fn run<M: Message, H: Handler<M>>(
             () = shutdown.cancelled() => return Ok(last),
             next = next => match next {
                 Some(Some(d)) => d,
-                Some(None) => return Err(BusError::Subscribe { subject: M::SUBJECT.into(), message: "the work queue ended".into() }),
+                Some(None) => return Err(BusError::subscribe(M::SUBJECT, "the work queue ended")),
                 None => {
                     info!(subject = M::SUBJECT, waited_secs = wait_secs(take), "No command arrived; exiting.");
                     return Ok(None);

@@ -9,18 +9,12 @@
 //! the JSON payload as data and the stream sequence as id, so a reconnecting
 //! `EventSource` (which sends `Last-Event-ID`) resumes exactly where it stopped.
 
-use std::collections::VecDeque;
-
-use futures::StreamExt;
-use mnistflow_nats::async_nats::jetstream::consumer::DeliverPolicy;
-use mnistflow_nats::async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
-use mnistflow_nats::subjects::EVENT_SUBJECTS;
-use mnistflow_nats::{Bus, Subjects, streams};
+use mnistflow_nats::{Bus, BusError, EventReplay, ReplayItem};
 use rocket::http::Status;
 use rocket::request::{FromRequest, Outcome};
 use rocket::response::stream::{Event, EventStream};
 use rocket::{Request, Shutdown, State, get};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -34,22 +28,13 @@ pub enum FeedItem {
     Live,
 }
 
-/// Why a feed could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[error("event replay unavailable: {0}")]
-pub struct FeedError(String);
-
-/// The replay-then-live feed of one page.
-pub struct Feed {
-    backlog: VecDeque<FeedItem>,
-    messages: Ordered,
-    live_pending: bool,
-    subjects: Subjects,
-}
+/// The replay-then-live feed of one page: [`Bus::event_feed`], its payloads
+/// checked to be JSON and made compact for an SSE `data` line.
+pub struct Feed(EventReplay);
 
 impl std::fmt::Debug for Feed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Feed").field("backlog", &self.backlog.len()).finish_non_exhaustive()
+        f.debug_tuple("Feed").field(&self.0).finish()
     }
 }
 
@@ -59,82 +44,29 @@ impl Feed {
     ///
     /// # Errors
     /// The events stream is missing or the server did not answer.
-    pub async fn open(bus: &Bus, replay: usize, resume_after: Option<u64>) -> Result<Self, FeedError> {
-        let subjects = bus.subjects().clone();
-        let name = subjects.stream_name(streams::EVENTS);
-        let mut stream =
-            bus.jetstream().get_stream(&name).await.map_err(|e| FeedError(format!("stream {name}: {e}")))?;
-        let state = stream.info().await.map_err(|e| FeedError(format!("stream {name}: {e}")))?.state.clone();
-        let (first, last) = (state.first_sequence, state.last_sequence);
-        let resume_after = resume_after.filter(|s| *s <= last);
-        let start = match resume_after {
-            Some(seq) => seq + 1,
-            None => last.saturating_sub(replay as u64).saturating_add(1).max(first),
-        };
-        let mut backlog = Vec::new();
-        if resume_after.is_none() {
-            for suffix in EVENT_SUBJECTS {
-                match stream.get_last_raw_message_by_subject(&subjects.full(suffix)).await {
-                    Ok(m) if m.sequence < start => {
-                        if let Some(item) = item(&subjects, m.subject.as_str(), m.sequence, &m.payload) {
-                            backlog.push((m.sequence, item));
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => debug!(subject = suffix, error = %e, "No last message for subject."),
-                }
-            }
-        }
-        backlog.sort_by_key(|(seq, _)| *seq);
-        let mut backlog: VecDeque<FeedItem> = backlog.into_iter().map(|(_, i)| i).collect();
-        let live_pending = start <= last;
-        if !live_pending {
-            backlog.push_back(FeedItem::Live);
-        }
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
-                description: Some("mnistflow web page feed".into()),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| FeedError(format!("ordered consumer on {name}: {e}")))?;
-        let messages = consumer.messages().await.map_err(|e| FeedError(format!("ordered consumer on {name}: {e}")))?;
-        Ok(Self { backlog, messages, live_pending, subjects })
+    pub async fn open(bus: &Bus, replay: usize, resume_after: Option<u64>) -> Result<Self, BusError> {
+        bus.event_feed(replay, resume_after).await.map(Self)
     }
 
     /// The next item; `None` when the consumer failed (the page reconnects and resumes).
     pub async fn next(&mut self) -> Option<FeedItem> {
         loop {
-            if let Some(item) = self.backlog.pop_front() {
-                return Some(item);
-            }
-            let message = match self.messages.next().await? {
-                Ok(m) => m,
+            match self.0.next_item().await? {
+                Ok(ReplayItem::Live) => return Some(FeedItem::Live),
+                Ok(ReplayItem::Event(event)) => match serde_json::from_slice::<serde_json::Value>(&event.payload) {
+                    Ok(value) => {
+                        let (sequence, name) = (event.sequence, event.suffix);
+                        return Some(FeedItem::Event { sequence, name, data: value.to_string() });
+                    }
+                    Err(e) => {
+                        warn!(subject = %event.suffix, sequence = event.sequence, error = %e, "Skipping an event that is not JSON.");
+                    }
+                },
                 Err(e) => {
-                    warn!(error = %e, "Event feed consumer failed; the page will reconnect.");
+                    warn!(error = %e, cause = ?std::error::Error::source(&e), "Event feed consumer failed; the page will reconnect.");
                     return None;
                 }
-            };
-            let (sequence, pending) = message.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
-            if let Some(item) = item(&self.subjects, message.subject.as_str(), sequence, &message.payload) {
-                self.backlog.push_back(item);
             }
-            if self.live_pending && pending == 0 {
-                self.live_pending = false;
-                self.backlog.push_back(FeedItem::Live);
-            }
-        }
-    }
-}
-
-fn item(subjects: &Subjects, subject: &str, sequence: u64, payload: &[u8]) -> Option<FeedItem> {
-    let name = subjects.suffix(subject)?.to_owned();
-    match serde_json::from_slice::<serde_json::Value>(payload) {
-        Ok(value) => Some(FeedItem::Event { sequence, name, data: value.to_string() }),
-        Err(e) => {
-            warn!(%subject, sequence, error = %e, "Skipping an event that is not JSON.");
-            None
         }
     }
 }
@@ -172,7 +104,7 @@ pub(crate) fn events(
         match Feed::open(&bus, replay, resume.0).await {
             Err(e) => {
                 warn!(error = %e, "Cannot open the event feed.");
-                let data = serde_json::json!({ "message": e.to_string() }).to_string();
+                let data = serde_json::json!({ "message": format!("event replay unavailable: {e}") }).to_string();
                 yield Event::data(data).event("feed.error").with_retry(std::time::Duration::from_secs(5));
             }
             Ok(mut feed) => loop {

@@ -4,20 +4,21 @@
 //! Input: a multipart form with the image in field `file`, or the image itself as
 //! the body (`image/*` or `application/octet-stream`). The body is capped at
 //! `WEB_MAX_UPLOAD_BYTES` while it is read, so an oversized upload is answered
-//! 413 before anything reaches NATS. The image bytes, unchanged, are the payload
-//! of a request to `<prefix>.predict`; the reply (a `Prediction`, or a
-//! `PredictError` whose code becomes the HTTP status) is passed through.
+//! 413 before anything reaches NATS. The image bytes, unchanged, go to
+//! `<prefix>.predict` through the contract's [`PredictClient`]; the reply (a
+//! `Prediction`, or a `PredictError` whose code becomes the HTTP status) is
+//! answered in the same JSON.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use mnistflow_nats::async_nats::{self, RequestErrorKind};
-use mnistflow_nats::{PredictReply, subjects, telemetry};
+use mnistflow_nats::{PredictClient, PredictReply, PredictRequestError, Prediction, Refusal, telemetry};
 use rocket::data::{self, Data, FromData, ToByteUnit};
 use rocket::http::{ContentType, Status};
 use rocket::request::{self, FromRequest};
+use rocket::serde::json::Json;
 use rocket::{Request, State, post};
-use tracing::{Instrument, debug, debug_span, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -117,17 +118,12 @@ impl<'r> FromRequest<'r> for TraceContext<'r> {
     }
 }
 
-/// A prediction's JSON, passed through as the inference instance wrote it.
-#[derive(rocket::Responder)]
-#[response(status = 200, content_type = "json")]
-pub(crate) struct PredictionJson(Vec<u8>);
-
 #[post("/api/predict", data = "<upload>")]
 pub(crate) async fn predict(
     upload: Result<Upload, ApiError>,
     trace: TraceContext<'_>,
     state: &State<AppState>,
-) -> Result<PredictionJson, ApiError> {
+) -> Result<Json<Prediction>, ApiError> {
     let upload = upload?;
     let span = info_span!("predict", bytes = upload.0.len(), otel.kind = "server", otel.name = "POST /api/predict");
     // The page's trace when it sent one; otherwise this span starts the trace.
@@ -135,148 +131,61 @@ pub(crate) async fn predict(
     forward(state, upload.0).instrument(span).await
 }
 
-async fn forward(state: &AppState, image: Bytes) -> Result<PredictionJson, ApiError> {
-    let client = state.bus.client();
-    let max_payload = client.server_info().max_payload;
-    if max_payload > 0 && image.len() > max_payload {
-        state.metrics.prediction("too_large", None);
-        return Err(ApiError::new(
-            Status::PayloadTooLarge,
-            format!("the image is larger than the message bus accepts ({max_payload} bytes)"),
-        ));
-    }
-    let subject = state.bus.subjects().full(subjects::PREDICT);
+/// Sends the image to whichever inference instance takes it (retried within the
+/// page's deadline, see [`PredictClient::with_retries`]) and turns the answer
+/// into this page's: the reply's own code for an error reply, 503 (with
+/// `Retry-After` when the instance gave a hint) for a busy one.
+async fn forward(state: &AppState, image: Bytes) -> Result<Json<Prediction>, ApiError> {
     let timeout = state.config.predict_timeout;
     let started = Instant::now();
-    let deadline = started + timeout;
-    let mut disconnections = state.bus.disconnections();
-    disconnections.borrow_and_update();
-    let mut pause = Duration::from_millis(20);
-    let mut attempt = 0u32;
-    // Retried within the page's deadline: a request whose NATS server went away
-    // (its reply can never come), an attempt that outlived its own timeout (the
-    // reply came back through a server that died), and "no responders" (the
-    // inference instances are resubscribing on the servers that remain). A
-    // prediction changes nothing, so sending it twice is harmless.
-    // The inference instance's spans join this trace through the message headers.
-    let span = debug_span!("nats.request", otel.kind = "client", %subject);
-    let reply = loop {
-        attempt += 1;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(timed_out(state, timeout));
-        }
-        let wait = remaining.min(state.config.predict_attempt_timeout);
-        let mut request = async_nats::Request::new().payload(image.clone()).timeout(Some(wait));
-        let mut headers = async_nats::HeaderMap::new();
-        telemetry::inject_nats(&span, &mut headers);
-        if !headers.is_empty() {
-            request = request.headers(headers);
-        }
-        let went_away = async {
-            if disconnections.changed().await.is_err() {
-                // No disconnection signal (a bus without one): only the timeouts apply.
-                std::future::pending::<()>().await;
-            }
-        };
-        // The client's own timeout is the attempt's deadline; the outer one only
-        // guards against a stuck client.
-        let outcome = tokio::select! {
-            biased;
-            () = went_away => {
-                info!(attempt, "The NATS connection dropped with a prediction in flight; sending it again.");
-                continue;
-            }
-            outcome = tokio::time::timeout(
-                wait + Duration::from_millis(500),
-                client.send_request(subject.clone(), request).instrument(span.clone()),
-            ) => outcome,
-        };
-        let failure = match outcome {
-            Ok(Ok(reply)) => break reply,
-            Err(_) => None,
-            Ok(Err(e)) => match e.kind() {
-                RequestErrorKind::TimedOut => None,
-                RequestErrorKind::MaxPayloadExceeded => {
-                    state.metrics.prediction("too_large", None);
-                    return Err(ApiError::new(
-                        Status::PayloadTooLarge,
-                        "the image is larger than the message bus accepts",
-                    ));
-                }
-                RequestErrorKind::NoResponders => Some(Failure::NoResponders),
-                _ => Some(Failure::Bus(e.to_string())),
-            },
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        // "No responders" is worth a retry only briefly: while instances move to
-        // another server it lasts milliseconds; when none runs, the page should
-        // say so at once rather than after its whole timeout.
-        let gave_up = matches!(failure, Some(Failure::NoResponders)) && started.elapsed() >= NO_RESPONDERS_GRACE;
-        if gave_up || remaining <= pause {
-            return Err(match failure {
-                None => timed_out(state, timeout),
-                Some(Failure::NoResponders) => {
-                    state.metrics.prediction("no_responders", None);
-                    ApiError::new(
-                        Status::ServiceUnavailable,
-                        "no inference instance is running: start one (or wait for one to load a model) and try again",
-                    )
-                }
-                Some(Failure::Bus(error)) => {
-                    warn!(%error, attempt, "Prediction request failed.");
-                    state.metrics.prediction("bus_error", None);
-                    ApiError::new(Status::ServiceUnavailable, "the message bus is unavailable; try again shortly")
-                }
-            });
-        }
-        if let Some(failure) = &failure {
-            debug!(attempt, ?failure, "Prediction attempt failed; retrying.");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
-        } else {
-            info!(
-                attempt,
-                wait_ms = wait.as_millis() as u64,
-                "No reply within the attempt's timeout; sending it again."
-            );
-        }
-    };
+    let client = PredictClient::new(state.bus.clone()).with_retries(state.config.predict_attempt_timeout);
+    let outcome = client.predict(image, timeout).await;
     let seconds = started.elapsed().as_secs_f64();
-    match serde_json::from_slice::<PredictReply>(&reply.payload) {
-        Ok(PredictReply::Ok(_)) => {
-            state.metrics.prediction("ok", Some(seconds));
-            Ok(PredictionJson(reply.payload.to_vec()))
-        }
+    let (label, seconds, answer) = match outcome {
+        Ok(PredictReply::Ok(prediction)) => ("ok", Some(seconds), Ok(Json(prediction))),
         Ok(PredictReply::Err(e)) => {
-            state.metrics.prediction("rejected", Some(seconds));
-            let code = e.error.code;
-            let status = if (400..600).contains(&code) { Status::new(code) } else { Status::BadGateway };
-            Err(ApiError::new(status, e.error.message))
+            let kind = e.kind();
+            let status = match kind {
+                Refusal::Busy { .. } => Status::ServiceUnavailable,
+                Refusal::Rejected { code } if (400..600).contains(&code) => Status::new(code),
+                Refusal::Rejected { .. } => Status::BadGateway,
+            };
+            let mut error = ApiError::new(status, e.error.message);
+            if let Refusal::Busy { retry_after_secs: Some(secs) } = kind {
+                error = error.retry_after(u64::from(secs));
+            }
+            ("rejected", Some(seconds), Err(error))
         }
         Err(e) => {
-            warn!(error = %e, "Undecodable prediction reply.");
-            state.metrics.prediction("bad_reply", Some(seconds));
-            Err(ApiError::new(Status::BadGateway, "the inference instance sent an answer this page cannot read"))
+            let (label, status) = match &e {
+                PredictRequestError::TooLarge { .. } => ("too_large", Status::PayloadTooLarge),
+                PredictRequestError::Timeout(_) => ("timeout", Status::GatewayTimeout),
+                PredictRequestError::NoResponders => ("no_responders", Status::ServiceUnavailable),
+                PredictRequestError::Transport { .. } => ("bus_error", Status::ServiceUnavailable),
+                PredictRequestError::BadReply(_) => ("bad_reply", Status::BadGateway),
+            };
+            let message = match &e {
+                PredictRequestError::Transport { attempts, source } => {
+                    warn!(error = %source, attempts, "Prediction request failed.");
+                    "the message bus is unavailable; try again shortly".to_owned()
+                }
+                PredictRequestError::TooLarge { .. } => e.to_string(),
+                PredictRequestError::Timeout(_) => {
+                    format!("no inference instance answered within {} ms; try again", timeout.as_millis())
+                }
+                PredictRequestError::NoResponders => {
+                    "no inference instance is running: start one (or wait for one to load a model) and try again"
+                        .to_owned()
+                }
+                PredictRequestError::BadReply(source) => {
+                    warn!(error = %source, "Undecodable prediction reply.");
+                    "the inference instance sent an answer this page cannot read".to_owned()
+                }
+            };
+            let seconds = matches!(e, PredictRequestError::BadReply(_)).then_some(seconds);
+            (label, seconds, Err(ApiError::new(status, message)))
         }
-    }
-}
-
-/// How long "no responders" is retried: inference instances that lost their
-/// server are subscribed again on another within this (loopback: ~10 ms).
-const NO_RESPONDERS_GRACE: Duration = Duration::from_millis(1500);
-
-/// Why an attempt failed when it is worth another.
-#[derive(Debug)]
-enum Failure {
-    NoResponders,
-    Bus(String),
-}
-
-fn timed_out(state: &AppState, timeout: Duration) -> ApiError {
-    state.metrics.prediction("timeout", None);
-    ApiError::new(
-        Status::GatewayTimeout,
-        format!("no inference instance answered within {} ms; try again", timeout.as_millis()),
-    )
+    };
+    state.metrics.prediction(label, seconds);
+    answer
 }

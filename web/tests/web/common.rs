@@ -55,6 +55,8 @@ pub enum Answer {
     Error(u16, &'static str),
     /// Never reply (the request times out).
     Silent,
+    /// Reply busy, with a retry hint in seconds.
+    Busy(u32),
 }
 
 /// A test inference instance on `<prefix>.predict`, queue group `inference`.
@@ -89,6 +91,7 @@ pub async fn responder(bus: &Bus, answer: Answer) -> Responder {
             let body = match &answer {
                 Answer::Silent => continue,
                 Answer::Error(code, message) => serde_json::to_vec(&PredictError::new(*code, *message)).unwrap(),
+                Answer::Busy(secs) => serde_json::to_vec(&PredictError::busy("all instances are busy", *secs)).unwrap(),
                 Answer::Knn => {
                     let payload = msg.payload.clone();
                     match tokio::task::spawn_blocking(move || classify(&payload)).await.unwrap() {

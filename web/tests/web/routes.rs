@@ -176,6 +176,25 @@ async fn predict_passes_the_inference_error_code_and_message_through() {
 }
 
 #[tokio::test]
+async fn predict_answers_503_with_retry_after_when_the_instance_is_busy() {
+    let (server, bus) = nats().await;
+    let client = client(&server, &bus, &[]).await;
+    let _inference = responder(&bus, Answer::Busy(3)).await;
+    let r = client.post("/api/predict").header(ContentType::PNG).body(b"\x89PNG not really").dispatch().await;
+    assert_eq!(r.status(), Status::ServiceUnavailable);
+    assert_eq!(r.headers().get_one("Retry-After"), Some("3"));
+    let body = json(r).await;
+    assert_eq!(body["error"]["message"], "all instances are busy");
+    // A plain error reply carries no hint, and the page adds none.
+    let (server, bus) = nats().await;
+    let client = self::client(&server, &bus, &[]).await;
+    let _inference = responder(&bus, Answer::Error(503, "no model is loaded yet")).await;
+    let r = client.post("/api/predict").header(ContentType::PNG).body(b"\x89PNG not really").dispatch().await;
+    assert_eq!(r.status(), Status::ServiceUnavailable);
+    assert_eq!(r.headers().get_one("Retry-After"), None);
+}
+
+#[tokio::test]
 async fn predict_rejects_text_with_415_and_empty_or_fileless_bodies_with_400_without_forwarding() {
     let (server, bus) = nats().await;
     let client = client(&server, &bus, &[]).await;
