@@ -318,9 +318,17 @@ def env(rendered: dict[str, list[dict]]) -> None:
     secret = next(d for d in base if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")
     secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
     container_env: dict[str, set[str]] = {}
+    # Secret keys a container maps to a variable of another name (each stage's
+    # NATS_<STAGE>_PASSWORD as NATS_PASSWORD) and those the NATS server reads (every
+    # identity's password, for nats.conf): the key is used though no service reads it.
+    mapped: set[str] = set()
     for name, docs in rendered.items():
         for d, spec in pod_specs(docs):
             for c in spec["containers"]:
+                for e in c.get("env", []):
+                    ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                    if ref and (ref["key"] != e["name"] or c["name"] == "nats"):
+                        mapped.add(ref["key"])
                 if c["name"] == "nats":
                     continue  # the NATS server's own env (POD_NAME and its credentials)
                 for e in c.get("env", []):
@@ -333,7 +341,7 @@ def env(rendered: dict[str, list[dict]]) -> None:
         line = line.split("#", 1)[0].strip()
         if line:
             optional[line] = True
-    set_names = set(config["data"]) | secret_keys | set(container_env)
+    set_names = set(config["data"]) | (secret_keys - mapped) | set(container_env)
     documented = set_names | set(optional)
 
     missing = sorted(n for n in reads if n not in documented)
@@ -410,8 +418,14 @@ class NatsUnderTest:
         self.children: list[subprocess.Popen] = []
 
     def env(self, i: int) -> dict[str, str]:
-        return {**os.environ, "POD_NAME": f"nats-{i}", "NATS_USER": self.secret["NATS_USER"],
-                "NATS_PASSWORD": self.secret["NATS_PASSWORD"]}
+        # Every identity's password (nats.conf's users read $NATS_<USER>_PASSWORD).
+        return {**os.environ, "POD_NAME": f"nats-{i}",
+                **{k: v for k, v in self.secret.items() if k.startswith("NATS_") and k.endswith("_PASSWORD")}}
+
+    def identities(self) -> dict[str, str]:
+        """Each NATS user of the Secret and its password (NATS_WEB_PASSWORD: user web)."""
+        return {k[len("NATS_"):-len("_PASSWORD")].lower(): v for k, v in self.secret.items()
+                if k.startswith("NATS_") and k.endswith("_PASSWORD")}
 
     def urls(self) -> str:
         return ",".join(f"nats://{HOSTS[i]}:{self.client}" for i in range(self.replicas))
@@ -579,14 +593,16 @@ def nats(nats_server: NatsUnderTest) -> bool:
         logs = "\n".join(nats_server.log(i) for i in range(nats_server.replicas))
         fail(f"NATS with nats.conf: not every server's /healthz became ok within 30 s\n{logs}")
         return False
-    secret = nats_server.secret
-    good = nats_server.connect(secret["NATS_USER"], secret["NATS_PASSWORD"])
-    bad = nats_server.connect(secret["NATS_USER"], "wrong")
+    identities = nats_server.identities()
+    good = {user: nats_server.connect(user, password) for user, password in identities.items()}
+    bad = nats_server.connect("web", "wrong")
     jsz = [nats_server.get(i, "/jsz") or {} for i in range(nats_server.replicas)]
-    if not (b"PONG" in good and b"Authorization Violation" in bad and all("config" in j for j in jsz)):
-        fail(f"nats.conf auth/monitoring: good={good[:80]!r} bad={bad[:80]!r} jsz keys={list(jsz[0])[:5]}")
+    refused = sorted(user for user, answer in good.items() if b"PONG" not in answer)
+    if refused or not (b"Authorization Violation" in bad and all("config" in j for j in jsz)):
+        fail(f"nats.conf auth/monitoring: refused={refused} bad={bad[:80]!r} jsz keys={list(jsz[0])[:5]}")
         return False
-    ok("nats.conf: valid; JetStream healthy; Secret's credentials accepted, wrong password refused; /jsz served")
+    ok(f"nats.conf: valid; JetStream healthy; each identity's password accepted ({', '.join(sorted(good))}), "
+       "a wrong one refused; /jsz served")
     if nats_server.replicas > 1:
         meta = [(j.get("meta_cluster") or {}) for j in jsz]
         # Each server lists the meta group's members but itself.
@@ -611,7 +627,7 @@ def lame_duck(nats_server: NatsUnderTest) -> None:
         secret = nats_server.secret
         # protocol 1: a client that takes the server's later INFO messages (ldm among them).
         s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"user":%s,"pass":%s}\r\nPING\r\n'
-                  % (json.dumps(secret["NATS_USER"]).encode(), json.dumps(secret["NATS_PASSWORD"]).encode()))
+                  % (b'"admin"', json.dumps(secret["NATS_ADMIN_PASSWORD"]).encode()))
         # The pod's own preStop command, the binary and the pid file's folder mapped here.
         command = [str(NATS_BIN) if a == "/nats-server" else a.replace("/var/run/nats", str(nats_server.dirs[i]))
                    for a in nats_server.pre_stop]

@@ -19,6 +19,7 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod ids;
+pub mod permissions;
 pub mod runtime;
 pub mod streams;
 pub mod subjects;
