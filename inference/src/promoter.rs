@@ -38,6 +38,12 @@ impl Handler<ModelPromote> for Promoter {
                     info!(%version, accuracy = metadata.metrics.accuracy, ?requested_by, "Promoted.");
                     Outcome::Done
                 }
+                Err(e @ StoreError::Conflict { .. }) => {
+                    // Store::promote already retried on fresh pointers: other
+                    // promotions keep moving CURRENT; try again later.
+                    warn!(%version, error = %e, "Promotion lost to concurrent promotions; will be redelivered.");
+                    Outcome::Retry { after: Duration::from_secs(2), reason: e.to_string() }
+                }
                 Err(e @ (StoreError::Backend(_) | StoreError::Io(_))) => {
                     warn!(%version, error = %e, "Promotion failed on the store; will be redelivered.");
                     Outcome::Retry { after: Duration::from_secs(5), reason: e.to_string() }

@@ -35,6 +35,9 @@ pub enum StoreError {
     Backend(#[from] object_store::Error),
     #[error("local file: {0}")]
     Io(#[from] std::io::Error),
+    /// Another promotion moved `CURRENT` after it was read (compare-and-set lost).
+    #[error("conflict: CURRENT is no longer {expected} (moving it to {wanted}): {detail}")]
+    Conflict { expected: String, wanted: String, detail: String },
 }
 
 impl StoreError {
@@ -103,9 +106,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// The storage layer. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<dyn ObjectStore>,
-    url: String,
-    local_root: Option<PathBuf>,
+    pub(crate) inner: Arc<dyn ObjectStore>,
+    pub(crate) url: String,
+    pub(crate) local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -454,17 +457,5 @@ impl Store {
             .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
             .filter(|s| !s.is_empty())
             .map(ModelVersion))
-    }
-
-    /// Points `CURRENT` at `version` after verifying it is complete and intact.
-    /// Rolling back is promoting an older version.
-    ///
-    /// # Errors
-    /// The version is unknown, uncommitted or fails its checksum.
-    pub async fn promote(&self, version: &ModelVersion) -> Result<ModelMetadata, StoreError> {
-        let (_, metadata) = self.load_model(version).await?;
-        self.put(CURRENT_KEY, Bytes::from(format!("{version}\n"))).await?;
-        info!(%version, "CURRENT moved.");
-        Ok(metadata)
     }
 }
