@@ -40,6 +40,10 @@
              tells the service to listen on; image tags match the workspace version
   store      every stage that reads STORE_URL gets the store: a path is a mounted
              volume of a claim that exists in the overlay; gs:// and s3:// mount none
+  serving-path  serving inference mounts the store read-only (mount and claim) and
+             runs without the in-process promoter; a promoter Deployment (the
+             inference binary, INFERENCE_ROLE=promoter) executes model.promote; the
+             check rejects the base with each of those undone
   store-permissions  on the GKE overlays every pod that mounts a claim uses a Filestore
              class (whose CSI driver lets the kubelet apply fsGroup) and runs as a
              non-root uid whose group is the pod's fsGroup, OnRootMismatch: the share
@@ -647,7 +651,7 @@ def lame_duck(nats_server: NatsUnderTest) -> None:
 
 def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
     """containerPort -> the variable that makes the service listen there."""
-    name = container["name"]
+    name = binary_name(container)
     ports: dict[int, str] = {}
     if name in ("web", "inference"):
         var = f"{name.upper()}_PORT"
@@ -710,6 +714,82 @@ def ports(rendered: dict[str, list[dict]]) -> None:
         ok(f"container and probe ports match the configured listen ports; images tagged {version}")
 
 
+def binary_name(container: dict) -> str:
+    """The binary a container runs: its command's, else the one named like it (each image's entrypoint)."""
+    command = container.get("command") or []
+    return command[0].rsplit("/", 1)[-1] if command else container["name"]
+
+
+def serving_path_problems(docs: list[dict]) -> list[str]:
+    """Issue 14 item 3: the pods that parse untrusted images (inference serving) cannot
+    write the store, and model.promote is executed elsewhere: a promoter Deployment
+    (the inference binary with INFERENCE_ROLE=promoter) exists, and serving inference
+    runs without the in-process promoter and with its store volume read-only."""
+    problems = []
+    promoters, serving = 0, 0
+    for d, spec in pod_specs(docs):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            if binary_name(c) != "inference":
+                continue
+            env = container_env(docs, c)
+            what = f"{d['kind']}/{d['metadata']['name']}"
+            if env.get("INFERENCE_ROLE") == "promoter":
+                promoters += d["kind"] == "Deployment"
+                continue
+            serving += 1
+            if env.get("INFERENCE_PROMOTER", "true").lower() not in ("false", "0", "no", "off"):
+                problems.append(f"{what}: serving inference runs the promoter (INFERENCE_PROMOTER is not false)")
+            for m in c.get("volumeMounts", []):
+                claim = volumes.get(m["name"], {}).get("persistentVolumeClaim")
+                if claim is not None and not (m.get("readOnly") and claim.get("readOnly")):
+                    problems.append(f"{what}: store volume {m['name']} at {m['mountPath']} is writable "
+                                    "(volumeMount and persistentVolumeClaim both need readOnly: true)")
+    if serving and not promoters:
+        problems.append("no promoter Deployment (the inference binary with INFERENCE_ROLE=promoter) executes model.promote")
+    return problems
+
+
+def serving_path(rendered: dict[str, list[dict]]) -> None:
+    print("serving-path", flush=True)
+    bad = 0
+    for name, docs in rendered.items():
+        for problem in serving_path_problems(docs):
+            fail(f"{name}: {problem}")
+            bad += 1
+    # The check must reject what is wrong: the base with each safeguard undone.
+    base = rendered.get("base", [])
+
+    def mutated(change) -> list[dict]:
+        docs = json.loads(json.dumps(base))
+        for d in docs:
+            change(d)
+        return docs
+
+    def writable(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "inference":
+            for m in d["spec"]["template"]["spec"]["containers"][0].get("volumeMounts", []):
+                m.pop("readOnly", None)
+
+    def no_promoter(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "promoter":
+            d["kind"] = "Removed"
+
+    def in_process(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "inference":
+            d["spec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(
+                {"name": "INFERENCE_PROMOTER", "value": "true"})
+
+    for label, change in [("a writable store mount", writable), ("no promoter Deployment", no_promoter),
+                          ("INFERENCE_PROMOTER=true", in_process)]:
+        if not serving_path_problems(mutated(change)):
+            fail(f"serving-path check accepts the base with {label}")
+            bad += 1
+    if not bad:
+        ok(f"{len(rendered)} renders: serving inference mounts the store read-only and leaves model.promote to the "
+           "promoter Deployment (rejected: a writable mount, no promoter, INFERENCE_PROMOTER=true)")
+
+
 def store(rendered: dict[str, list[dict]]) -> None:
     print("store", flush=True)
     reads = code_env_reads()
@@ -720,9 +800,12 @@ def store(rendered: dict[str, list[dict]]) -> None:
         for d, spec in pod_specs(docs):
             volumes = {v["name"]: v for v in spec.get("volumes", [])}
             for c in spec["containers"]:
-                if c["name"] not in readers:
+                if binary_name(c) not in readers:
                     continue
-                url = container_env(docs, c).get("STORE_URL", "")
+                env = container_env(docs, c)
+                url = env.get("STORE_URL", "")
+                # Serving inference reads only (serving_path checks its mount is read-only).
+                read_only = binary_name(c) == "inference" and env.get("INFERENCE_ROLE") != "promoter"
                 what = f"{name}: {d['kind']}/{d['metadata']['name']} (STORE_URL={url})"
                 mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
                 store_mounts = [m for m in c.get("volumeMounts", [])
@@ -735,11 +818,12 @@ def store(rendered: dict[str, list[dict]]) -> None:
                 path = url.removeprefix("file://")
                 mount = mounts.get(path)
                 claim = (volumes.get(mount["name"], {}) if mount else {}).get("persistentVolumeClaim", {}).get("claimName")
-                if not path.startswith("/") or not claim or claim not in claims or mount.get("readOnly"):
-                    fail(f"{what}: no writable mount of an existing claim at the store path")
+                if not path.startswith("/") or not claim or claim not in claims or (mount.get("readOnly") and not read_only):
+                    fail(f"{what}: no {'' if read_only else 'writable '}mount of an existing claim at the store path")
                     problems += 1
     if not problems:
-        ok(f"stages reading STORE_URL ({', '.join(sorted(readers))}) get a writable store volume, or none with a bucket")
+        ok(f"stages reading STORE_URL ({', '.join(sorted(readers))}) get a store volume (writable but for serving "
+           "inference), or none with a bucket")
 
 
 def gateway(rendered: dict[str, list[dict]]) -> None:
@@ -1189,7 +1273,7 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
         return d, spec, {**base_env, **env}, mapping
 
     def binary(c: dict) -> Path | None:
-        path = ROOT / "target" / "debug" / c["name"]
+        path = ROOT / "target" / "debug" / binary_name(c)
         if not path.exists():
             fail(f"{path.relative_to(ROOT)} missing (k8s/check builds it; MNISTFLOW_K8S_RUN=0 skips this section)")
             return None
@@ -1309,6 +1393,7 @@ def main() -> int:
         env(rendered)
         ports(rendered)
         store(rendered)
+        serving_path(rendered)
         store_permissions(rendered)
         autopilot(rendered, out)
         gateway(rendered)

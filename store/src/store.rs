@@ -35,6 +35,9 @@ pub enum StoreError {
     Backend(#[from] object_store::Error),
     #[error("local file: {0}")]
     Io(#[from] std::io::Error),
+    /// A version is larger than the reader accepts (checked before reading it).
+    #[error("{key} is {size} bytes, over the limit of {limit} bytes: refused without reading it")]
+    TooLarge { key: String, size: u64, limit: u64 },
     /// Another promotion moved `CURRENT` after it was read (compare-and-set lost).
     #[error("conflict: CURRENT is no longer {expected} (moving it to {wanted}): {detail}")]
     Conflict { expected: String, wanted: String, detail: String },
@@ -439,6 +442,41 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("{prefix}/{METADATA_FILE}")))?;
         let key = format!("{prefix}/{MODEL_FILE}");
         let bytes = self.get(&key).await?;
+        let actual = sha256_hex(&bytes);
+        if actual != metadata.sha256 {
+            return Err(StoreError::Checksum { key, expected: metadata.sha256, actual });
+        }
+        Ok((bytes, metadata))
+    }
+
+    /// [`Store::load_model`], refusing a version whose model is over `limit`
+    /// bytes before reading it into memory (by its metadata and by the stored
+    /// object's size: either may lie about the other).
+    ///
+    /// # Errors
+    /// [`StoreError::TooLarge`], or as [`Store::load_model`].
+    pub async fn load_model_within(
+        &self,
+        version: &ModelVersion,
+        limit: u64,
+    ) -> Result<(Bytes, ModelMetadata), StoreError> {
+        let prefix = Self::model_prefix(version);
+        let metadata = self
+            .model_metadata(version)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("{prefix}/{METADATA_FILE}")))?;
+        let key = format!("{prefix}/{MODEL_FILE}");
+        let head = self.inner.head(&Key::from(key.as_str())).await.map_err(|e| StoreError::from_get(&key, e))?;
+        let size = head.size.max(metadata.size_bytes);
+        if size > limit {
+            return Err(StoreError::TooLarge { key, size, limit });
+        }
+        // The object may have grown between the head and the read: bounded anyway.
+        let result = self.inner.get(&Key::from(key.as_str())).await.map_err(|e| StoreError::from_get(&key, e))?;
+        if result.meta.size > limit {
+            return Err(StoreError::TooLarge { key, size: result.meta.size, limit });
+        }
+        let bytes = result.bytes().await.map_err(|e| StoreError::from_get(&key, e))?;
         let actual = sha256_hex(&bytes);
         if actual != metadata.sha256 {
             return Err(StoreError::Checksum { key, expected: metadata.sha256, actual });
