@@ -435,18 +435,7 @@ impl Store {
     /// [`StoreError::NotFound`] if uncommitted, [`StoreError::Checksum`] if the
     /// bytes do not match.
     pub async fn load_model(&self, version: &ModelVersion) -> Result<(Bytes, ModelMetadata), StoreError> {
-        let prefix = Self::model_prefix(version);
-        let metadata = self
-            .model_metadata(version)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("{prefix}/{METADATA_FILE}")))?;
-        let key = format!("{prefix}/{MODEL_FILE}");
-        let bytes = self.get(&key).await?;
-        let actual = sha256_hex(&bytes);
-        if actual != metadata.sha256 {
-            return Err(StoreError::Checksum { key, expected: metadata.sha256, actual });
-        }
-        Ok((bytes, metadata))
+        self.load_model_within(version, u64::MAX).await
     }
 
     /// [`Store::load_model`], refusing a version whose model is over `limit`
