@@ -18,7 +18,9 @@
 //! | `INFERENCE_POLL_SECS` | how often `CURRENT` is polled besides file notifications and events | `5` |
 //! | `INFERENCE_DRAIN_SECS` | shutdown deadline for in-flight work (keep it under the pod's grace period) | `20` |
 //! | `INFERENCE_INSTANCE` | the instance name in events | `HOSTNAME`, else random |
-//! | `INFERENCE_PROMOTER` | consume `model.promote` commands here | `true` |
+//! | `INFERENCE_PROMOTER` | consume `model.promote` commands here (off in Kubernetes: the promoter Deployment does) | `true` |
+//! | `INFERENCE_ROLE` | `serve`, or `promoter`: only the `model.promote` consumer and health probes | `serve` |
+//! | `INFERENCE_MAX_MODEL_BYTES` | largest model a version may hold; a bigger one is refused before it is read | `67108864` (64 MiB) |
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -78,6 +80,20 @@ pub struct Config {
     pub drain: Duration,
     pub instance: String,
     pub promoter: bool,
+    /// What this process is (`INFERENCE_ROLE`): `serve` (the default) or
+    /// `promoter` (only the `model.promote` consumer and health probes: the
+    /// Kubernetes promoter Deployment, so serving pods never write the store).
+    pub role: Role,
+    /// The largest model a version may hold (`INFERENCE_MAX_MODEL_BYTES`,
+    /// default 64 MiB): a bigger one is refused before it is read into memory.
+    pub max_model_bytes: u64,
+}
+
+/// What an inference process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Serve,
+    Promoter,
 }
 
 impl Config {
@@ -166,6 +182,20 @@ impl Config {
             drain: secs("INFERENCE_DRAIN_SECS", 20.0)?,
             instance,
             promoter: flag(&lookup, "INFERENCE_PROMOTER", true)?,
+            role: match lookup("INFERENCE_ROLE").as_deref().map(str::trim) {
+                None | Some("" | "serve") => Role::Serve,
+                Some("promoter") => Role::Promoter,
+                Some(other) => {
+                    return Err(ConfigError::new("INFERENCE_ROLE", format!("{other:?} is not serve or promoter")));
+                }
+            },
+            max_model_bytes: {
+                let max: u64 = var_or(&lookup, "INFERENCE_MAX_MODEL_BYTES", 64 * 1024 * 1024)?;
+                if max == 0 {
+                    return Err(ConfigError::new("INFERENCE_MAX_MODEL_BYTES", "must be at least 1"));
+                }
+                max
+            },
         })
     }
 }

@@ -94,6 +94,7 @@ impl App {
             pinned: config.pinned_version.clone(),
             poll: config.poll,
             precision: config.precision,
+            max_model_bytes: config.max_model_bytes,
         };
         tracker.spawn(reloader.run(shutdown.clone()));
         if config.promoter {
@@ -199,6 +200,9 @@ impl App {
 /// # Errors
 /// NATS unreachable, the store URL unsupported, or the server failed.
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.role == config::Role::Promoter {
+        return promoter::serve(config, shutdown).await;
+    }
     let store = Store::open(&config.store_url)?;
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     App::start(config, bus, store, shutdown).await?.wait().await

@@ -2,6 +2,11 @@
 //! instance so each command is handled once): point `CURRENT` at the version, then
 //! ack. An unknown, uncommitted or corrupt version is terminated with a log line,
 //! never acked as if it had worked; a store outage is nak'ed for redelivery.
+//!
+//! In Kubernetes it runs alone, in the promoter Deployment ([`serve`],
+//! `INFERENCE_ROLE=promoter`): the serving pods mount the store read-only and
+//! never write a model or `CURRENT`. Locally (`mnistflow up`, tests) every
+//! inference instance also runs it (`INFERENCE_PROMOTER`, default true).
 
 use std::time::Duration;
 
@@ -9,7 +14,65 @@ use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
 use mnistflow_nats::{Bus, BusError, ModelPromote, WorkQueueOptions};
 use mnistflow_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::Config;
+
+/// The promoter process: connects as its own identity (it creates the streams
+/// and consumers), consumes `model.promote` until `shutdown`, and answers
+/// `GET /healthz` and `GET /readyz` (NATS connected) on `INFERENCE_PORT`. No
+/// model is loaded and no image is parsed here.
+///
+/// # Errors
+/// The store URL is unsupported, NATS unreachable, set-up refused, or the HTTP
+/// server cannot bind.
+pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = Store::open(&config.store_url)?;
+    let bus = Bus::connect(&config.nats, &shutdown).await?;
+    bus.ensure_streams().await?;
+    let consumer = tokio::spawn(run(bus.clone(), store, shutdown.clone()));
+    let mut rc = rocket::Config {
+        address: config.address,
+        port: config.port,
+        workers: 2,
+        log_level: rocket::config::LogLevel::Critical,
+        cli_colors: false,
+        ident: rocket::config::Ident::try_new("mnistflow-promoter").unwrap_or_default(),
+        ..rocket::Config::default()
+    };
+    rc.shutdown.ctrlc = false;
+    rc.shutdown.grace = 1;
+    rc.shutdown.mercy = 1;
+    let rocket = rocket::custom(rc).manage(bus).mount("/", rocket::routes![healthz, readyz]).ignite().await?;
+    let handle = rocket.shutdown();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        trigger.cancelled().await;
+        handle.notify();
+    });
+    info!(address = %config.address, port = config.port, "Promoter serving.");
+    let served = rocket.launch().await.map(drop).map_err(|e| anyhow::anyhow!("HTTP server: {e}"));
+    shutdown.cancel();
+    match tokio::time::timeout(config.drain, consumer).await {
+        Ok(Ok(Err(e))) => error!(error = %e, "The model.promote consumer stopped."),
+        Ok(_) => {}
+        Err(_) => warn!("The model.promote consumer did not stop within the drain deadline."),
+    }
+    served
+}
+
+#[rocket::get("/healthz")]
+fn healthz() -> &'static str {
+    "ok"
+}
+
+#[rocket::get("/readyz")]
+fn readyz(bus: &rocket::State<Bus>) -> (rocket::http::Status, &'static str) {
+    match bus.client().connection_state() {
+        mnistflow_nats::async_nats::connection::State::Connected => (rocket::http::Status::Ok, "ready"),
+        _ => (rocket::http::Status::ServiceUnavailable, "NATS disconnected"),
+    }
+}
 
 /// Consumes `model.promote` until `shutdown`.
 ///
@@ -37,6 +100,12 @@ impl Handler<ModelPromote> for Promoter {
                     let requested_by = &work.command.requested_by;
                     info!(%version, accuracy = metadata.metrics.accuracy, ?requested_by, "Promoted.");
                     Outcome::Done
+                }
+                Err(e @ StoreError::Conflict { .. }) => {
+                    // Store::promote already retried on fresh pointers: other
+                    // promotions keep moving CURRENT; try again later.
+                    warn!(%version, error = %e, "Promotion lost to concurrent promotions; will be redelivered.");
+                    Outcome::Retry { after: Duration::from_secs(2), reason: e.to_string() }
                 }
                 Err(e @ (StoreError::Backend(_) | StoreError::Io(_))) => {
                     warn!(%version, error = %e, "Promotion failed on the store; will be redelivered.");

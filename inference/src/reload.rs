@@ -81,6 +81,8 @@ pub struct Reloader {
     pub poll: Duration,
     /// The number format models are loaded to run in.
     pub precision: Precision,
+    /// A version whose model is larger is refused before it is read.
+    pub max_model_bytes: u64,
 }
 
 /// The outcome of one attempt, for the bookkeeping of [`Reloader::run`].
@@ -177,7 +179,7 @@ impl Reloader {
     /// Loads, verifies, warms up and swaps in `version`.
     async fn load(&self, loader: &Loader, version: &ModelVersion) -> Attempt {
         let started = Instant::now();
-        let (bytes, metadata) = match self.store.load_model(version).await {
+        let (bytes, metadata) = match self.store.load_model_within(version, self.max_model_bytes).await {
             Ok(loaded) => loaded,
             Err(e @ (StoreError::NotFound(_) | StoreError::Backend(_) | StoreError::Io(_))) => {
                 return Attempt::Transient(e.to_string());

@@ -12,6 +12,7 @@ pub struct NatsServer {
     port: u16,
     monitor_port: u16,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for NatsServer {
@@ -50,6 +51,29 @@ impl NatsServer {
             port: 0,
             monitor_port: 0,
             extra_args: args.iter().map(|s| (*s).to_owned()).collect(),
+            env: Vec::new(),
+        };
+        server.spawn(None);
+        server
+    }
+
+    /// Starts a server with configuration file `conf` (its includes resolved next
+    /// to it; JetStream's `store_dir` is the file's) and the given environment
+    /// (the `$VAR`s it reads); the address, the ports and the pid file are the
+    /// guard's own, whatever the file says.
+    ///
+    /// # Panics
+    /// When the server cannot be started (the file is invalid: see its log).
+    pub fn start_with_config(conf: &Path, env: &[(String, String)]) -> Self {
+        let dir = tempfile::Builder::new().prefix("mnistflow-nats-").tempdir().expect("temp dir for nats-server");
+        let pid = dir.path().join("nats.pid");
+        let mut server = Self {
+            child: None,
+            dir,
+            port: 0,
+            monitor_port: 0,
+            extra_args: vec!["-c".into(), conf.display().to_string(), "-P".into(), pid.display().to_string()],
+            env: env.to_vec(),
         };
         server.spawn(None);
         server
@@ -61,7 +85,7 @@ impl NatsServer {
     /// When the server cannot be started.
     pub fn start_on_port(port: u16) -> Self {
         let dir = tempfile::Builder::new().prefix("mnistflow-nats-").tempdir().expect("temp dir for nats-server");
-        let mut server = Self { child: None, dir, port, monitor_port: 0, extra_args: Vec::new() };
+        let mut server = Self { child: None, dir, port, monitor_port: 0, extra_args: Vec::new(), env: Vec::new() };
         server.spawn(Some(port));
         server
     }
@@ -71,12 +95,17 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).expect("ports dir");
         let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
-        let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &port_arg, "-m", "-1", "-js", "-sd"])
-            .arg(self.dir.path().join("js"))
+        let mut command = Command::new(nats_server_bin());
+        command.args(["-a", "127.0.0.1", "-p", &port_arg, "-m", "-1"]);
+        // A configuration file names its own JetStream directory (the flag would clash with it).
+        if !self.extra_args.iter().any(|a| a == "-c") {
+            command.args(["-js", "-sd"]).arg(self.dir.path().join("js"));
+        }
+        let child = command
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

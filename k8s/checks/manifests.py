@@ -40,6 +40,10 @@
              tells the service to listen on; image tags match the workspace version
   store      every stage that reads STORE_URL gets the store: a path is a mounted
              volume of a claim that exists in the overlay; gs:// and s3:// mount none
+  serving-path  serving inference mounts the store read-only (mount and claim) and
+             runs without the in-process promoter; a promoter Deployment (the
+             inference binary, INFERENCE_ROLE=promoter) executes model.promote; the
+             check rejects the base with each of those undone
   store-permissions  on the GKE overlays every pod that mounts a claim uses a Filestore
              class (whose CSI driver lets the kubelet apply fsGroup) and runs as a
              non-root uid whose group is the pod's fsGroup, OnRootMismatch: the share
@@ -325,9 +329,17 @@ def env(rendered: dict[str, list[dict]]) -> None:
     secret = next(d for d in base if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")
     secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
     container_env: dict[str, set[str]] = {}
+    # Secret keys a container maps to a variable of another name (each stage's
+    # NATS_<STAGE>_PASSWORD as NATS_PASSWORD) and those the NATS server reads (every
+    # identity's password, for nats.conf): the key is used though no service reads it.
+    mapped: set[str] = set()
     for name, docs in rendered.items():
         for d, spec in pod_specs(docs):
             for c in spec["containers"]:
+                for e in c.get("env", []):
+                    ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                    if ref and (ref["key"] != e["name"] or c["name"] == "nats"):
+                        mapped.add(ref["key"])
                 if c["name"] == "nats":
                     continue  # the NATS server's own env (POD_NAME and its credentials)
                 for e in c.get("env", []):
@@ -340,7 +352,7 @@ def env(rendered: dict[str, list[dict]]) -> None:
         line = line.split("#", 1)[0].strip()
         if line:
             optional[line] = True
-    set_names = set(config["data"]) | secret_keys | set(container_env)
+    set_names = set(config["data"]) | (secret_keys - mapped) | set(container_env)
     documented = set_names | set(optional)
 
     missing = sorted(n for n in reads if n not in documented)
@@ -417,8 +429,14 @@ class NatsUnderTest:
         self.children: list[subprocess.Popen] = []
 
     def env(self, i: int) -> dict[str, str]:
-        return {**os.environ, "POD_NAME": f"nats-{i}", "NATS_USER": self.secret["NATS_USER"],
-                "NATS_PASSWORD": self.secret["NATS_PASSWORD"]}
+        # Every identity's password (nats.conf's users read $NATS_<USER>_PASSWORD).
+        return {**os.environ, "POD_NAME": f"nats-{i}",
+                **{k: v for k, v in self.secret.items() if k.startswith("NATS_") and k.endswith("_PASSWORD")}}
+
+    def identities(self) -> dict[str, str]:
+        """Each NATS user of the Secret and its password (NATS_WEB_PASSWORD: user web)."""
+        return {k[len("NATS_"):-len("_PASSWORD")].lower(): v for k, v in self.secret.items()
+                if k.startswith("NATS_") and k.endswith("_PASSWORD")}
 
     def urls(self) -> str:
         return ",".join(f"nats://{HOSTS[i]}:{self.client}" for i in range(self.replicas))
@@ -586,14 +604,16 @@ def nats(nats_server: NatsUnderTest) -> bool:
         logs = "\n".join(nats_server.log(i) for i in range(nats_server.replicas))
         fail(f"NATS with nats.conf: not every server's /healthz became ok within 30 s\n{logs}")
         return False
-    secret = nats_server.secret
-    good = nats_server.connect(secret["NATS_USER"], secret["NATS_PASSWORD"])
-    bad = nats_server.connect(secret["NATS_USER"], "wrong")
+    identities = nats_server.identities()
+    good = {user: nats_server.connect(user, password) for user, password in identities.items()}
+    bad = nats_server.connect("web", "wrong")
     jsz = [nats_server.get(i, "/jsz") or {} for i in range(nats_server.replicas)]
-    if not (b"PONG" in good and b"Authorization Violation" in bad and all("config" in j for j in jsz)):
-        fail(f"nats.conf auth/monitoring: good={good[:80]!r} bad={bad[:80]!r} jsz keys={list(jsz[0])[:5]}")
+    refused = sorted(user for user, answer in good.items() if b"PONG" not in answer)
+    if refused or not (b"Authorization Violation" in bad and all("config" in j for j in jsz)):
+        fail(f"nats.conf auth/monitoring: refused={refused} bad={bad[:80]!r} jsz keys={list(jsz[0])[:5]}")
         return False
-    ok("nats.conf: valid; JetStream healthy; Secret's credentials accepted, wrong password refused; /jsz served")
+    ok(f"nats.conf: valid; JetStream healthy; each identity's password accepted ({', '.join(sorted(good))}), "
+       "a wrong one refused; /jsz served")
     if nats_server.replicas > 1:
         meta = [(j.get("meta_cluster") or {}) for j in jsz]
         # Each server lists the meta group's members but itself.
@@ -618,7 +638,7 @@ def lame_duck(nats_server: NatsUnderTest) -> None:
         secret = nats_server.secret
         # protocol 1: a client that takes the server's later INFO messages (ldm among them).
         s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"user":%s,"pass":%s}\r\nPING\r\n'
-                  % (json.dumps(secret["NATS_USER"]).encode(), json.dumps(secret["NATS_PASSWORD"]).encode()))
+                  % (b'"admin"', json.dumps(secret["NATS_ADMIN_PASSWORD"]).encode()))
         # The pod's own preStop command, the binary and the pid file's folder mapped here.
         command = [str(NATS_BIN) if a == "/nats-server" else a.replace("/var/run/nats", str(nats_server.dirs[i]))
                    for a in nats_server.pre_stop]
@@ -638,7 +658,7 @@ def lame_duck(nats_server: NatsUnderTest) -> None:
 
 def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
     """containerPort -> the variable that makes the service listen there."""
-    name = container["name"]
+    name = binary_name(container)
     ports: dict[int, str] = {}
     if name in ("web", "inference"):
         var = f"{name.upper()}_PORT"
@@ -701,6 +721,82 @@ def ports(rendered: dict[str, list[dict]]) -> None:
         ok(f"container and probe ports match the configured listen ports; images tagged {version}")
 
 
+def binary_name(container: dict) -> str:
+    """The binary a container runs: its command's, else the one named like it (each image's entrypoint)."""
+    command = container.get("command") or []
+    return command[0].rsplit("/", 1)[-1] if command else container["name"]
+
+
+def serving_path_problems(docs: list[dict]) -> list[str]:
+    """Issue 14 item 3: the pods that parse untrusted images (inference serving) cannot
+    write the store, and model.promote is executed elsewhere: a promoter Deployment
+    (the inference binary with INFERENCE_ROLE=promoter) exists, and serving inference
+    runs without the in-process promoter and with its store volume read-only."""
+    problems = []
+    promoters, serving = 0, 0
+    for d, spec in pod_specs(docs):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            if binary_name(c) != "inference":
+                continue
+            env = container_env(docs, c)
+            what = f"{d['kind']}/{d['metadata']['name']}"
+            if env.get("INFERENCE_ROLE") == "promoter":
+                promoters += d["kind"] == "Deployment"
+                continue
+            serving += 1
+            if env.get("INFERENCE_PROMOTER", "true").lower() not in ("false", "0", "no", "off"):
+                problems.append(f"{what}: serving inference runs the promoter (INFERENCE_PROMOTER is not false)")
+            for m in c.get("volumeMounts", []):
+                claim = volumes.get(m["name"], {}).get("persistentVolumeClaim")
+                if claim is not None and not (m.get("readOnly") and claim.get("readOnly")):
+                    problems.append(f"{what}: store volume {m['name']} at {m['mountPath']} is writable "
+                                    "(volumeMount and persistentVolumeClaim both need readOnly: true)")
+    if serving and not promoters:
+        problems.append("no promoter Deployment (the inference binary with INFERENCE_ROLE=promoter) executes model.promote")
+    return problems
+
+
+def serving_path(rendered: dict[str, list[dict]]) -> None:
+    print("serving-path", flush=True)
+    bad = 0
+    for name, docs in rendered.items():
+        for problem in serving_path_problems(docs):
+            fail(f"{name}: {problem}")
+            bad += 1
+    # The check must reject what is wrong: the base with each safeguard undone.
+    base = rendered.get("base", [])
+
+    def mutated(change) -> list[dict]:
+        docs = json.loads(json.dumps(base))
+        for d in docs:
+            change(d)
+        return docs
+
+    def writable(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "inference":
+            for m in d["spec"]["template"]["spec"]["containers"][0].get("volumeMounts", []):
+                m.pop("readOnly", None)
+
+    def no_promoter(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "promoter":
+            d["kind"] = "Removed"
+
+    def in_process(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "inference":
+            d["spec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(
+                {"name": "INFERENCE_PROMOTER", "value": "true"})
+
+    for label, change in [("a writable store mount", writable), ("no promoter Deployment", no_promoter),
+                          ("INFERENCE_PROMOTER=true", in_process)]:
+        if not serving_path_problems(mutated(change)):
+            fail(f"serving-path check accepts the base with {label}")
+            bad += 1
+    if not bad:
+        ok(f"{len(rendered)} renders: serving inference mounts the store read-only and leaves model.promote to the "
+           "promoter Deployment (rejected: a writable mount, no promoter, INFERENCE_PROMOTER=true)")
+
+
 def store(rendered: dict[str, list[dict]]) -> None:
     print("store", flush=True)
     reads = code_env_reads()
@@ -711,9 +807,12 @@ def store(rendered: dict[str, list[dict]]) -> None:
         for d, spec in pod_specs(docs):
             volumes = {v["name"]: v for v in spec.get("volumes", [])}
             for c in spec["containers"]:
-                if c["name"] not in readers:
+                if binary_name(c) not in readers:
                     continue
-                url = container_env(docs, c).get("STORE_URL", "")
+                env = container_env(docs, c)
+                url = env.get("STORE_URL", "")
+                # Serving inference reads only (serving_path checks its mount is read-only).
+                read_only = binary_name(c) == "inference" and env.get("INFERENCE_ROLE") != "promoter"
                 what = f"{name}: {d['kind']}/{d['metadata']['name']} (STORE_URL={url})"
                 mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
                 store_mounts = [m for m in c.get("volumeMounts", [])
@@ -726,11 +825,12 @@ def store(rendered: dict[str, list[dict]]) -> None:
                 path = url.removeprefix("file://")
                 mount = mounts.get(path)
                 claim = (volumes.get(mount["name"], {}) if mount else {}).get("persistentVolumeClaim", {}).get("claimName")
-                if not path.startswith("/") or not claim or claim not in claims or mount.get("readOnly"):
-                    fail(f"{what}: no writable mount of an existing claim at the store path")
+                if not path.startswith("/") or not claim or claim not in claims or (mount.get("readOnly") and not read_only):
+                    fail(f"{what}: no {'' if read_only else 'writable '}mount of an existing claim at the store path")
                     problems += 1
     if not problems:
-        ok(f"stages reading STORE_URL ({', '.join(sorted(readers))}) get a writable store volume, or none with a bucket")
+        ok(f"stages reading STORE_URL ({', '.join(sorted(readers))}) get a store volume (writable but for serving "
+           "inference), or none with a bucket")
 
 
 def gateway(rendered: dict[str, list[dict]]) -> None:
@@ -1180,7 +1280,7 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
         return d, spec, {**base_env, **env}, mapping
 
     def binary(c: dict) -> Path | None:
-        path = ROOT / "target" / "debug" / c["name"]
+        path = ROOT / "target" / "debug" / binary_name(c)
         if not path.exists():
             fail(f"{path.relative_to(ROOT)} missing (k8s/check builds it; MNISTFLOW_K8S_RUN=0 skips this section)")
             return None
@@ -1390,6 +1490,7 @@ def main() -> int:
         env(rendered)
         ports(rendered)
         store(rendered)
+        serving_path(rendered)
         store_permissions(rendered)
         autopilot(rendered, out)
         gateway(rendered)

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::NatsConfig;
 use crate::events::Message;
+use crate::permissions::{self, Violations};
 use crate::streams;
 use crate::subjects::Subjects;
 use crate::work::DeliveryKey;
@@ -97,6 +98,9 @@ pub struct Bus {
     stream_replicas: usize,
     publish_retry: Duration,
     disconnections: watch::Receiver<u64>,
+    setup: bool,
+    setup_wait: Duration,
+    violations: Violations,
 }
 
 impl std::fmt::Debug for Bus {
@@ -120,9 +124,10 @@ impl Bus {
         let mut attempts = 0u32;
         let (disconnected, disconnections) = watch::channel(0u64);
         let disconnected = std::sync::Arc::new(disconnected);
+        let violations = Violations::new(config.user.as_deref());
         loop {
             attempts += 1;
-            let options = options(config, disconnected.clone()).await?;
+            let options = options(config, disconnected.clone(), violations.clone()).await?;
             match options.connect(config.servers.clone()).await {
                 Ok(client) => {
                     info!(%url, attempts, server = %client.server_info().server_name, "Connected to NATS.");
@@ -130,6 +135,9 @@ impl Bus {
                     bus.stream_replicas = config.stream_replicas;
                     bus.publish_retry = config.publish_retry;
                     bus.disconnections = disconnections;
+                    bus.setup = config.setup;
+                    bus.setup_wait = config.connect_timeout;
+                    bus.violations = violations;
                     return Ok(bus);
                 }
                 Err(e) => {
@@ -161,7 +169,23 @@ impl Bus {
     pub fn new(client: Client, subjects: Subjects) -> Self {
         let js = jetstream::new(client.clone());
         let (_, disconnections) = watch::channel(0);
-        Self { client, js, subjects, stream_replicas: 1, publish_retry: Duration::from_secs(30), disconnections }
+        Self {
+            client,
+            js,
+            subjects,
+            stream_replicas: 1,
+            publish_retry: Duration::from_secs(30),
+            disconnections,
+            setup: true,
+            setup_wait: Duration::from_secs(60),
+            violations: Violations::new(None),
+        }
+    }
+
+    /// The permission violations the server reported to this connection
+    /// ([`crate::permissions`]; each is also logged at error level).
+    pub fn violations(&self) -> &Violations {
+        &self.violations
     }
 
     /// Sets the streams' replica count that [`Bus::ensure_streams`] applies.
@@ -202,10 +226,18 @@ impl Bus {
     /// is missing (idempotent; every stage calls it at start-up, so the trainer's
     /// consumer exists, for KEDA to read its lag, before any trainer runs).
     ///
+    /// An identity without the right to (`NATS_SETUP=false`) only waits, up to
+    /// `NATS_CONNECT_TIMEOUT_SECS`, until they all exist.
+    ///
     /// # Errors
-    /// JetStream is disabled on the server or refused the configuration.
+    /// JetStream is disabled on the server or refused the configuration; or,
+    /// without set-up, a stream or consumer still missing at the deadline.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        streams::ensure(&self.js, &self.subjects, self.stream_replicas).await
+        if self.setup {
+            streams::ensure(&self.js, &self.subjects, self.stream_replicas).await
+        } else {
+            streams::wait_for(&self.js, &self.subjects, self.setup_wait).await
+        }
     }
 
     /// Publishes `message` to its subject through JetStream with `Nats-Msg-Id` set
@@ -232,8 +264,20 @@ impl Bus {
             headers.insert("Nats-Msg-Id", id.as_str());
             // The consumer's spans (a training run) join the publisher's trace.
             crate::telemetry::inject_nats(&tracing::Span::current(), &mut headers);
+            // A refused publish gets no acknowledgement, only the server's
+            // asynchronous permission violation: whichever comes first.
+            let seen = *self.violations.count().borrow();
             let outcome = match self.js.publish_with_headers(subject.clone(), headers, payload.clone()).await {
-                Ok(ack) => ack.await,
+                Ok(ack) => tokio::select! {
+                    outcome = ack => outcome,
+                    refused = self.violations.publish_refused_after(seen, &subject) => {
+                        return Err(BusError::Publish {
+                            subject,
+                            attempts: attempt,
+                            source: format!("permission denied: {refused}").into(),
+                        });
+                    }
+                },
                 Err(e) => Err(e),
             };
             match outcome {
@@ -332,13 +376,19 @@ fn install_tls_provider() {
     });
 }
 
-async fn options(config: &NatsConfig, disconnected: Arc<watch::Sender<u64>>) -> Result<ConnectOptions, BusError> {
+async fn options(
+    config: &NatsConfig,
+    disconnected: Arc<watch::Sender<u64>>,
+    violations: Violations,
+) -> Result<ConnectOptions, BusError> {
     install_tls_provider();
     let mut options = ConnectOptions::new()
         .name(&config.client_name)
+        .custom_inbox_prefix(permissions::inbox_prefix(config.user.as_deref()))
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let disconnected = disconnected.clone();
+            let violations = violations.clone();
             async move {
                 match event {
                     async_nats::Event::Disconnected => {
@@ -347,6 +397,7 @@ async fn options(config: &NatsConfig, disconnected: Arc<watch::Sender<u64>>) -> 
                     }
                     async_nats::Event::Connected => info!("Reconnected to NATS."),
                     async_nats::Event::LameDuckMode => info!("The NATS server is shutting down (lame duck mode)."),
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(e)) if violations.report(&e) => {}
                     other => debug!(event = %other, "NATS client event."),
                 }
             }

@@ -14,6 +14,7 @@
 //! | `NATS_STREAM_REPLICAS` | replicas of each JetStream stream (`1`, `3` or `5`; `3` on a three-server cluster) | `1` |
 //! | `NATS_PUBLISH_RETRY_SECS` | how long a JetStream publish is retried (same `Nats-Msg-Id`) through a leader change | `30` |
 //! | `NATS_RETAIN_SERVERS_ORDER` | connect to `NATS_URL`'s servers in the order given instead of at random | `false` |
+//! | `NATS_SETUP` | this identity creates the streams and durable consumers at start-up; `false`: it waits for them (a least-privilege identity) | `true` |
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -135,6 +136,11 @@ pub struct NatsConfig {
     /// Try the servers in `NATS_URL`'s order (a test pins a client to one server;
     /// in production random order spreads clients over the cluster).
     pub retain_servers_order: bool,
+    /// Whether this identity sets up the streams and durable consumers
+    /// (`NATS_SETUP`, default true). A least-privilege identity that may not
+    /// create them (`false`) waits, up to `connect_timeout`, until the set-up
+    /// identity (the promoter, the downloader, or a person's `admin`) has.
+    pub setup: bool,
 }
 
 impl NatsConfig {
@@ -210,6 +216,7 @@ impl NatsConfig {
             return Err(ConfigError::new("NATS_PUBLISH_RETRY_SECS", "must be a non-negative number of seconds"));
         }
         let retain_servers_order = flag(&lookup, "NATS_RETAIN_SERVERS_ORDER", false)?;
+        let setup = flag(&lookup, "NATS_SETUP", true)?;
         Ok(Self {
             servers,
             subjects,
@@ -224,6 +231,7 @@ impl NatsConfig {
             stream_replicas,
             publish_retry: Duration::from_secs_f64(retry),
             retain_servers_order,
+            setup,
         })
     }
 

@@ -25,6 +25,7 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod ids;
+pub mod permissions;
 pub mod predict;
 pub mod redact;
 pub mod replay;

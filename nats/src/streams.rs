@@ -210,3 +210,52 @@ pub async fn ensure(js: &jetstream::Context, subjects: &Subjects, replicas: usiz
     }
     Ok(())
 }
+
+/// Waits, up to `deadline`, until every stream and every durable consumer of
+/// [`WORK_CONSUMERS`] exists: what an identity that may not create them does at
+/// start-up instead of [`ensure`] (it needs only `$JS.API.STREAM.INFO` and
+/// `$JS.API.CONSUMER.INFO`). Logs what it waits for every few seconds.
+///
+/// # Errors
+/// Something is still missing at the deadline; the error names it and who creates it.
+pub async fn wait_for(js: &jetstream::Context, subjects: &Subjects, deadline: Duration) -> Result<(), BusError> {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut next_log = tokio::time::Instant::now();
+    loop {
+        let missing = missing(js, subjects).await;
+        let Some(missing) = missing else { return Ok(()) };
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return Err(BusError::stream(
+                format!("{missing} still missing after {deadline:?}"),
+                "this identity may not create it (NATS_SETUP=false): the promoter or the downloader (or \
+                 `mnistflow` run as admin) creates the streams",
+            ));
+        }
+        if now >= next_log {
+            info!(%missing, "Waiting for the set-up identity to create the JetStream streams and consumers.");
+            next_log = now + Duration::from_secs(10);
+        }
+        tokio::time::sleep(Duration::from_millis(500).min(until - now)).await;
+    }
+}
+
+/// The first stream or work consumer that does not exist yet, if any.
+async fn missing(js: &jetstream::Context, subjects: &Subjects) -> Option<String> {
+    for config in stream_configs(subjects, 1) {
+        if js.get_stream(&config.name).await.is_err() {
+            return Some(format!("stream {}", config.name));
+        }
+    }
+    for c in &WORK_CONSUMERS {
+        let name = subjects.stream_name(c.stream);
+        let exists = match js.get_stream(&name).await {
+            Ok(stream) => stream.get_consumer::<consumer::pull::Config>(c.durable).await.is_ok(),
+            Err(_) => false,
+        };
+        if !exists {
+            return Some(format!("consumer {} on stream {name}", c.durable));
+        }
+    }
+    None
+}

@@ -20,10 +20,12 @@
 //! Parts: [`Store`] (open, datasets, models, promote), [`watch`] (follow `CURRENT`),
 //! [`idx`] (the MNIST file format).
 
+mod current;
 pub mod idx;
 mod store;
 pub mod watch;
 
+pub use current::CurrentPointer;
 pub use store::{DatasetManifest, ModelMetadata, Store, StoreError, sha256_hex};
 
 /// Where data sets live.
@@ -32,6 +34,9 @@ pub const DATASETS_PREFIX: &str = "datasets/mnist";
 pub const MODELS_PREFIX: &str = "models/mnist-cnn";
 /// The pointer to the served version.
 pub const CURRENT_KEY: &str = "models/mnist-cnn/CURRENT";
+/// On a local or shared directory: one record per move of `CURRENT`, created
+/// exclusively (the compare-and-set; see [`CurrentPointer`]).
+pub const CURRENT_LOG_PREFIX: &str = "models/mnist-cnn.current";
 /// A data set's commit marker.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// A model version's TorchScript file.

@@ -35,6 +35,12 @@ pub enum StoreError {
     Backend(#[from] object_store::Error),
     #[error("local file: {0}")]
     Io(#[from] std::io::Error),
+    /// A version is larger than the reader accepts (checked before reading it).
+    #[error("{key} is {size} bytes, over the limit of {limit} bytes: refused without reading it")]
+    TooLarge { key: String, size: u64, limit: u64 },
+    /// Another promotion moved `CURRENT` after it was read (compare-and-set lost).
+    #[error("conflict: CURRENT is no longer {expected} (moving it to {wanted}): {detail}")]
+    Conflict { expected: String, wanted: String, detail: String },
 }
 
 impl StoreError {
@@ -103,9 +109,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// The storage layer. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<dyn ObjectStore>,
-    url: String,
-    local_root: Option<PathBuf>,
+    pub(crate) inner: Arc<dyn ObjectStore>,
+    pub(crate) url: String,
+    pub(crate) local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -442,13 +448,37 @@ impl Store {
     /// [`StoreError::NotFound`] if uncommitted, [`StoreError::Checksum`] if the
     /// bytes do not match.
     pub async fn load_model(&self, version: &ModelVersion) -> Result<(Bytes, ModelMetadata), StoreError> {
+        self.load_model_within(version, u64::MAX).await
+    }
+
+    /// [`Store::load_model`], refusing a version whose model is over `limit`
+    /// bytes before reading it into memory (by its metadata and by the stored
+    /// object's size: either may lie about the other).
+    ///
+    /// # Errors
+    /// [`StoreError::TooLarge`], or as [`Store::load_model`].
+    pub async fn load_model_within(
+        &self,
+        version: &ModelVersion,
+        limit: u64,
+    ) -> Result<(Bytes, ModelMetadata), StoreError> {
         let prefix = Self::model_prefix(version);
         let metadata = self
             .model_metadata(version)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("{prefix}/{METADATA_FILE}")))?;
         let key = format!("{prefix}/{MODEL_FILE}");
-        let bytes = self.get(&key).await?;
+        let head = self.inner.head(&Key::from(key.as_str())).await.map_err(|e| StoreError::from_get(&key, e))?;
+        let size = head.size.max(metadata.size_bytes);
+        if size > limit {
+            return Err(StoreError::TooLarge { key, size, limit });
+        }
+        // The object may have grown between the head and the read: bounded anyway.
+        let result = self.inner.get(&Key::from(key.as_str())).await.map_err(|e| StoreError::from_get(&key, e))?;
+        if result.meta.size > limit {
+            return Err(StoreError::TooLarge { key, size: result.meta.size, limit });
+        }
+        let bytes = result.bytes().await.map_err(|e| StoreError::from_get(&key, e))?;
         let actual = sha256_hex(&bytes);
         if actual != metadata.sha256 {
             return Err(StoreError::Checksum { key, expected: metadata.sha256, actual });
@@ -467,17 +497,5 @@ impl Store {
             .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
             .filter(|s| !s.is_empty())
             .map(ModelVersion))
-    }
-
-    /// Points `CURRENT` at `version` after verifying it is complete and intact.
-    /// Rolling back is promoting an older version.
-    ///
-    /// # Errors
-    /// The version is unknown, uncommitted or fails its checksum.
-    pub async fn promote(&self, version: &ModelVersion) -> Result<ModelMetadata, StoreError> {
-        let (_, metadata) = self.load_model(version).await?;
-        self.put(CURRENT_KEY, Bytes::from(format!("{version}\n"))).await?;
-        info!(%version, "CURRENT moved.");
-        Ok(metadata)
     }
 }

@@ -33,7 +33,7 @@ use mnistflow_nats::{
     Bus, DeliveryKey, EventId, ModelPublished, ModelVersion, RunId, TrainFailed, TrainProgress, TrainRequest,
     WorkQueueOptions,
 };
-use mnistflow_store::{ModelMetadata, Store};
+use mnistflow_store::{ModelMetadata, Store, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -290,21 +290,37 @@ impl Worker {
     ) -> Result<ModelPublished, Failure> {
         let request = work.command;
         let version = stored.version.clone();
-        let incumbent = self.incumbent(&version).await?;
         let hp_force = stored.hyperparameters.get("force").and_then(serde_json::Value::as_bool).unwrap_or(false);
-        let decision = gate::decide(
-            stored.metrics.accuracy,
-            self.config.accuracy_floor,
-            self.config.tolerance,
-            incumbent.as_ref(),
-            hp_force || request.force.unwrap_or(false),
-        );
-        if decision.promote {
-            self.store
-                .promote(&version)
+        // The gate decides against the CURRENT it read, and the move is conditional
+        // on it: if another promotion moved CURRENT meanwhile, decide again against
+        // the new one (a few times; then the delivery is retried).
+        let mut attempt = 1;
+        let decision = loop {
+            let pointer = self
+                .store
+                .current_pointer()
                 .await
-                .map_err(|e| Failure::Transient(format!("promoting {version} failed: {e}")))?;
-        }
+                .map_err(|e| Failure::Transient(format!("reading CURRENT failed: {e}")))?;
+            let incumbent = self.incumbent(pointer.version.clone(), &version).await;
+            let decision = gate::decide(
+                stored.metrics.accuracy,
+                self.config.accuracy_floor,
+                self.config.tolerance,
+                incumbent.as_ref(),
+                hp_force || request.force.unwrap_or(false),
+            );
+            if !decision.promote {
+                break decision;
+            }
+            match self.store.promote_from(&pointer, &version).await {
+                Ok(_) => break decision,
+                Err(e @ StoreError::Conflict { .. }) if attempt < 5 => {
+                    warn!(%version, attempt, error = %e, "CURRENT moved while gating; deciding again.");
+                    attempt += 1;
+                }
+                Err(e) => return Err(Failure::Transient(format!("promoting {version} failed: {e}"))),
+            }
+        };
         // The id chosen when the version was stored (from the delivery's key), else
         // (a version stored before ids were kept) the key's: a repeat is stored once.
         let event_id = stored
@@ -340,16 +356,14 @@ impl Worker {
 
     /// The current version other than `new`, with its accuracy. An unreadable
     /// current version does not block promotion (the new one replaces it).
-    async fn incumbent(&self, new: &ModelVersion) -> Result<Option<Incumbent>, Failure> {
-        let current =
-            self.store.current().await.map_err(|e| Failure::Transient(format!("reading CURRENT failed: {e}")))?;
-        let Some(current) = current.filter(|c| c != new) else { return Ok(None) };
+    async fn incumbent(&self, current: Option<ModelVersion>, new: &ModelVersion) -> Option<Incumbent> {
+        let current = current.filter(|c| c != new)?;
         match self.store.model_metadata(&current).await {
-            Ok(Some(m)) => Ok(Some(Incumbent { version: current.to_string(), accuracy: m.metrics.accuracy })),
-            Ok(None) => Ok(None),
+            Ok(Some(m)) => Some(Incumbent { version: current.to_string(), accuracy: m.metrics.accuracy }),
+            Ok(None) => None,
             Err(e) => {
                 warn!(%current, error = %e, "Current version unreadable; the gate ignores it.");
-                Ok(None)
+                None
             }
         }
     }

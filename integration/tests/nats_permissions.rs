@@ -1,0 +1,274 @@
+//! Least privilege on NATS: a real nats-server started with the deployment's own
+//! configuration (`k8s/base/nats.conf` as the ConfigMap carries it, with the local
+//! overlay's `nats-single.conf` and `nats-jetstream.conf` as its includes, and the
+//! passwords of `k8s/base/secret.yaml`), and each stage's NATS calls made through
+//! the `nats` crate with that stage's own identity: set-up by the promoter and the
+//! downloader, the downloader's and the trainer's work queues and events, inference
+//! answering `mnist.predict` in its queue group and announcing loads, the web tier
+//! asking predictions and replaying the events stream. Then the refusals: the web
+//! identity may not publish a command nor answer `mnist.predict`, inference may not
+//! queue training.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use mnistflow_integration::{NatsServer, workspace_root};
+use mnistflow_nats::async_nats::jetstream::consumer::DeliverPolicy;
+use mnistflow_nats::events::Message;
+use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
+use mnistflow_nats::{
+    Bus, DatasetDownload, DatasetId, DatasetReady, EventId, InferenceLoaded, ModelMetrics, ModelPromote,
+    ModelPublished, ModelVersion, NatsConfig, RunId, TrainProgress, TrainRequest, WorkQueueOptions, subjects,
+};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The `stringData` of `k8s/base/secret.yaml` (flat `KEY: value` lines).
+fn secret() -> HashMap<String, String> {
+    let text = std::fs::read_to_string(workspace_root().join("k8s/base/secret.yaml")).unwrap();
+    let data = text.split("stringData:").nth(1).expect("secret.yaml has stringData");
+    data.lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+        .collect()
+}
+
+/// A nats-server with the deployment's configuration, in a folder laid out as the
+/// ConfigMap mounts it (the local overlay's one-server includes).
+fn server(dir: &Path) -> NatsServer {
+    let k8s = workspace_root().join("k8s");
+    std::fs::copy(k8s.join("base/nats.conf"), dir.join("nats.conf")).unwrap();
+    std::fs::copy(k8s.join("overlays/local/nats-single.conf"), dir.join("cluster.conf")).unwrap();
+    // The overlay's JetStream limits, on a directory of the test's (not the pod's /data).
+    let jetstream = std::fs::read_to_string(k8s.join("overlays/local/nats-jetstream.conf")).unwrap();
+    assert!(jetstream.contains("/data/jetstream"), "nats-jetstream.conf no longer stores under /data/jetstream");
+    let store = dir.join("js").display().to_string();
+    std::fs::write(dir.join("jetstream.conf"), jetstream.replace("/data/jetstream", &store)).unwrap();
+    let mut env: Vec<(String, String)> = secret().into_iter().filter(|(k, _)| k.starts_with("NATS_")).collect();
+    env.push(("POD_NAME".into(), "nats-0".into()));
+    NatsServer::start_with_config(&dir.join("nats.conf"), &env)
+}
+
+/// A bus connected as `user` with the password the Secret gives that stage.
+async fn connect(nats: &NatsServer, user: &str, setup: bool) -> Bus {
+    let password = secret()[&format!("NATS_{}_PASSWORD", user.to_ascii_uppercase())].clone();
+    let url = nats.url();
+    let config = NatsConfig::from_lookup(|k| match k {
+        "NATS_URL" => Some(url.clone()),
+        "NATS_USER" => Some(user.to_owned()),
+        "NATS_PASSWORD" => Some(password.clone()),
+        "NATS_SETUP" => Some(setup.to_string()),
+        "NATS_CONNECT_TIMEOUT_SECS" => Some("20".into()),
+        "NATS_PUBLISH_RETRY_SECS" => Some("10".into()),
+        _ => None,
+    })
+    .unwrap()
+    .with_client_name(format!("test-{user}"));
+    Bus::connect(&config, &CancellationToken::new()).await.unwrap_or_else(|e| panic!("{user} connects: {e}"))
+}
+
+/// Takes one delivery of a work queue, acks it, returns its payload.
+struct TakeOne<M>(tokio::sync::mpsc::Sender<M>);
+impl<M: Message + Clone> Handler<M> for TakeOne<M> {
+    async fn handle(&self, work: Work<'_, M>) -> Outcome {
+        let _ = self.0.send(work.command.clone()).await;
+        Outcome::Done
+    }
+}
+
+async fn take_one<M: Message + Clone + Send + Sync + 'static>(bus: &Bus) -> M {
+    let options = WorkQueueOptions { ack_wait: Duration::from_secs(30), max_deliver: 3 };
+    let mut queue = bus.work_queue::<M>(options).await.unwrap_or_else(|e| panic!("{} work queue: {e}", M::SUBJECT));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let stop = CancellationToken::new();
+    let runner = {
+        let stop = stop.clone();
+        async move { work::run(&mut queue, &TakeOne(tx), options.ack_wait, Take::All, &stop).await }
+    };
+    let got = tokio::select! {
+        r = runner => panic!("{} runner ended: {r:?}", M::SUBJECT),
+        m = tokio::time::timeout(WAIT, rx.recv()) => m.unwrap_or_else(|_| panic!("no {} within {WAIT:?}", M::SUBJECT)),
+    };
+    stop.cancel();
+    got.unwrap()
+}
+
+/// Waits until the server reported a permission violation whose text holds `what`.
+async fn refused(bus: &Bus, what: &str) {
+    let mut count = bus.violations().count();
+    let found =
+        |bus: &Bus| bus.violations().publish_refused(what).or_else(|| bus.violations().subscription_refused(what));
+    tokio::time::timeout(WAIT, async {
+        while found(bus).is_none() {
+            count.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no permission violation for {what} within {WAIT:?}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stage_works_with_its_own_nats_identity_and_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = server(dir.path());
+    let subjects = mnistflow_nats::Subjects::default();
+
+    // A stage that may not set up waits for the set-up identity.
+    let web = connect(&nats, "web", false).await;
+    let waiting = tokio::spawn({
+        let web = web.clone();
+        async move { web.ensure_streams().await }
+    });
+    let promoter = connect(&nats, "promoter", true).await;
+    promoter.ensure_streams().await.expect("the promoter sets up the streams and consumers");
+    tokio::time::timeout(WAIT, waiting).await.expect("web's wait for set-up ends").unwrap().unwrap();
+    let downloader = connect(&nats, "downloader", true).await;
+    downloader.ensure_streams().await.expect("the downloader may set up too");
+
+    // The trainer may not create streams: with set-up it would be refused.
+    let trainer = connect(&nats, "trainer", false).await;
+    trainer.ensure_streams().await.unwrap();
+    let inference = connect(&nats, "inference", false).await;
+    let mut published = inference.subscribe::<ModelPublished>().await.unwrap();
+    // A round trip on the same connection: the server has the subscription after it.
+    inference.ensure_streams().await.unwrap();
+
+    // The downloader: takes dataset.download (queued by admin), announces the data set, queues training.
+    let admin = connect(&nats, "admin", true).await;
+    admin.publish(&DatasetDownload::default()).await.expect("admin queues a download");
+    take_one::<DatasetDownload>(&downloader).await;
+    let ready = DatasetReady {
+        event_id: EventId::new(),
+        dataset_id: DatasetId("test".into()),
+        location: "datasets/x".into(),
+        files: vec![],
+        train_count: 1,
+        test_count: 1,
+        source: "test".into(),
+        reused: false,
+        request_id: None,
+        created_at: Utc::now(),
+    };
+    downloader.publish(&ready).await.expect("downloader announces dataset.ready");
+    downloader.publish(&TrainRequest::default()).await.expect("downloader queues training");
+
+    // The trainer: takes it (its consumer updated to its own ack wait), reports, publishes.
+    take_one::<TrainRequest>(&trainer).await;
+    let progress = TrainProgress {
+        event_id: EventId::new(),
+        run_id: RunId::new(),
+        request_id: None,
+        phase: "train".into(),
+        epoch: 1,
+        epochs: 1,
+        step: 1,
+        steps: 1,
+        loss: 0.1,
+        examples_per_sec: 1.0,
+        eta_secs: None,
+        at: Utc::now(),
+    };
+    trainer.publish(&progress).await.expect("trainer reports progress");
+    let version = ModelVersion::generate();
+    let model = ModelPublished {
+        event_id: EventId::new(),
+        version: version.clone(),
+        location: "models/x".into(),
+        sha256: String::new(),
+        metrics: ModelMetrics::default(),
+        dataset_id: None,
+        run_id: None,
+        request_id: None,
+        hyperparameters: serde_json::json!({}),
+        promoted: false,
+        promotion: String::new(),
+        at: Utc::now(),
+    };
+    trainer.publish(&model).await.expect("trainer publishes model.published");
+    tokio::time::timeout(WAIT, published.next()).await.expect("inference hears model.published").unwrap();
+    let loaded = InferenceLoaded {
+        event_id: EventId::new(),
+        instance: "inference-0".into(),
+        version: Some(version.clone()),
+        ok: true,
+        refused: None,
+        error: None,
+        load_ms: 1.0,
+        at: Utc::now(),
+    };
+    inference.publish(&loaded).await.expect("inference announces a load");
+
+    // The promoter: takes model.promote.
+    let promote = || ModelPromote { event_id: EventId::new(), version: version.clone(), requested_by: None };
+    admin.publish(&promote()).await.unwrap();
+    take_one::<ModelPromote>(&promoter).await;
+
+    // Predictions: inference answers in its queue group, web asks.
+    let predict = subjects.full(subjects::PREDICT);
+    let mut responder =
+        inference.client().queue_subscribe(predict.clone(), subjects::PREDICT_QUEUE_GROUP.to_owned()).await.unwrap();
+    let answering = tokio::spawn({
+        let client = inference.client().clone();
+        async move {
+            while let Some(m) = responder.next().await {
+                if let Some(reply) = m.reply {
+                    client.publish(reply, "7".into()).await.unwrap();
+                }
+            }
+        }
+    });
+    // A round trip on the same connection: the server has the subscription after it.
+    inference.ensure_streams().await.unwrap();
+    let answer = tokio::time::timeout(WAIT, web.client().request(predict.clone(), "png".into()))
+        .await
+        .expect("web's prediction answered in time")
+        .expect("web's prediction answered");
+    assert_eq!(&answer.payload[..], b"7");
+
+    // The web tier replays the events stream.
+    let mut replay = web.replay_events(DeliverPolicy::All).await.expect("web opens a replay");
+    let first = tokio::time::timeout(WAIT, replay.next()).await.expect("a replayed event").unwrap().unwrap();
+    assert_eq!(first.suffix, subjects::DATASET_READY);
+
+    // Refusals. The web identity may not publish a command ...
+    for (suffix, result) in [
+        (subjects::MODEL_PROMOTE, web.publish(&promote()).await.map(|_| ())),
+        (subjects::TRAIN_REQUEST, web.publish(&TrainRequest::default()).await.map(|_| ())),
+        (subjects::DATASET_DOWNLOAD, web.publish(&DatasetDownload::default()).await.map(|_| ())),
+    ] {
+        let error = chain(&result.expect_err(&format!("web may not publish {suffix}")));
+        assert!(error.contains("permission denied"), "web publishing {suffix}: {error}");
+    }
+    // ... not even as a plain (core NATS) message,
+    web.client().publish(subjects.full(subjects::MODEL_PROMOTE), "{}".into()).await.unwrap();
+    refused(&web, &subjects.full(subjects::MODEL_PROMOTE)).await;
+    // ... nor answer predictions (in the queue group or outside it).
+    let _stolen = web.client().queue_subscribe(predict.clone(), "inference".to_owned()).await.unwrap();
+    refused(&web, &predict).await;
+    let _plain = web.client().subscribe(format!("{predict}.>")).await.unwrap();
+    refused(&web, &format!("{predict}.>")).await;
+    // Inference may not queue training.
+    let error = inference.publish(&TrainRequest::default()).await.expect_err("inference may not queue training");
+    let error = chain(&error);
+    assert!(error.contains("permission denied"), "{error}");
+
+    // Nothing the refused identities sent reached a stream: the only commands
+    // stored were admin's, and they were taken.
+    let mut train = admin.jetstream().get_stream(subjects.stream_name("TRAIN")).await.unwrap();
+    assert_eq!(train.info().await.unwrap().state.messages, 0, "a refused train.request was stored");
+    let mut commands = admin.jetstream().get_stream(subjects.stream_name("COMMANDS")).await.unwrap();
+    assert_eq!(commands.info().await.unwrap().state.messages, 0, "a refused command was stored");
+    // And the predictions still go to inference only.
+    let answer = web.client().request(predict, "png".into()).await.unwrap();
+    assert_eq!(&answer.payload[..], b"7");
+    answering.abort();
+}
+
+/// An error with its causes, as `main` prints it.
+fn chain(error: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(error), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
