@@ -85,7 +85,7 @@ async fn respond(
 ) {
     let (status, body) = match &result {
         Ok(p) => (200, serde_json::to_vec(p)),
-        Err(e) => (e.status(), serde_json::to_vec(&e.body())),
+        Err(e) => (e.status(), serde_json::to_vec(&e.reply())),
     };
     service.metrics.request("nats", status, started.elapsed().as_secs_f64());
     match body {

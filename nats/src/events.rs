@@ -299,11 +299,21 @@ pub struct PredictError {
 pub struct ErrorBody {
     pub code: u16,
     pub message: String,
+    /// Seconds to wait before retrying, on replies that are worth a retry (the
+    /// HTTP API's `Retry-After`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u32>,
 }
 
 impl PredictError {
     pub fn new(code: u16, message: impl Into<String>) -> Self {
-        Self { error: ErrorBody { code, message: message.into() } }
+        Self { error: ErrorBody { code, message: message.into(), retry_after: None } }
+    }
+
+    /// The same error with a retry hint in seconds.
+    pub fn with_retry_after(mut self, seconds: Option<u32>) -> Self {
+        self.error.retry_after = seconds;
+        self
     }
 }
 
