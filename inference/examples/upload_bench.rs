@@ -136,18 +136,22 @@ const IMAGES: [(&str, fn() -> anyhow::Result<Vec<u8>>); 7] = [
     ("bmp-rgb-1860.bmp", bmp_rgb),
 ];
 
-fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
-    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
+    Ok(line.split_whitespace().nth(1).context("a value")?.parse()?)
+}
+
+fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmHWM:")
 }
 
 async fn run(base: &str, pid: u32, dir: &Path, n: usize) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
     let url = format!("{base}/v1/predict");
     let idle = vm_hwm_kib(pid)?;
-    println!("| upload | bytes | sent at once | answers | peak RSS (VmHWM) | of the 1 GiB limit | wall |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| upload | bytes | sent at once | answers | peak RSS (VmHWM) | of the 1 GiB limit | RSS after | wall |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, _) in IMAGES {
         let body = std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
         // Resets VmHWM to the current RSS (Linux 4.0+), so each row is its own peak.
@@ -166,11 +170,12 @@ async fn run(base: &str, pid: u32, dir: &Path, n: usize) -> anyhow::Result<()> {
         let peak = vm_hwm_kib(pid)?;
         let answers: Vec<String> = counts.iter().map(|(k, v)| format!("{v}× {k}")).collect();
         println!(
-            "| {name} | {} | {n} | {} | {} MiB | {:.0} % | {:.1} s |",
+            "| {name} | {} | {n} | {} | {} MiB | {:.0} % | {} MiB | {:.1} s |",
             body.len(),
             answers.join(", "),
             peak / 1024,
             peak as f64 / (1024.0 * 1024.0) * 100.0,
+            status_kib(pid, "VmRSS:")? / 1024,
             wall.as_secs_f64()
         );
         // Still answering: readiness and a small prediction.
