@@ -8,6 +8,8 @@
 //! | `WEB_PREDICT_TIMEOUT_MS` | how long a prediction may wait for an inference instance, retries included | `5000` |
 //! | `WEB_PREDICT_ATTEMPT_TIMEOUT_MS` | how long one attempt waits before it is sent again (within the timeout above) | `2000` |
 //! | `WEB_MAX_UPLOAD_BYTES` | largest accepted upload (NATS' default `max_payload` is 1 MiB) | `1048576` |
+//! | `WEB_MAX_PREDICTIONS` | predictions in flight at once, uploads being read included; more get 503 with `Retry-After` | `64` |
+//! | `WEB_UPLOAD_TIMEOUT_MS` | how long an upload's body may take to arrive (a slow sender is cut off with 408: Rocket 0.5 has no read timeout of its own) | `10000` |
 //! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
 //! | `WEB_EVENTS_REPLAY` | how many recent events a new page replays (plus the last of each kind) | `1000` |
 //! | `WEB_SSE_HEARTBEAT_SECS` | keep-alive comment interval on the event stream | `15` |
@@ -42,6 +44,11 @@ pub struct Config {
     /// prediction is idempotent, so a second attempt beats a 504.
     pub predict_attempt_timeout: Duration,
     pub max_upload_bytes: u64,
+    /// Predictions in flight at once, from the first byte of the upload to the
+    /// answer; more are answered 503 at once.
+    pub max_predictions: usize,
+    /// The deadline for reading an upload's body.
+    pub upload_timeout: Duration,
     /// `None` disables the admin API entirely (its routes answer 404).
     pub admin_token: Option<SecretString>,
     pub events_replay: usize,
@@ -90,6 +97,14 @@ impl Config {
         if max_upload_bytes == 0 {
             return Err(ConfigError::new("WEB_MAX_UPLOAD_BYTES", "must be at least 1"));
         }
+        let max_predictions: usize = var_or(&lookup, "WEB_MAX_PREDICTIONS", 64)?;
+        if max_predictions == 0 {
+            return Err(ConfigError::new("WEB_MAX_PREDICTIONS", "must be at least 1"));
+        }
+        let upload_ms: u64 = var_or(&lookup, "WEB_UPLOAD_TIMEOUT_MS", 10_000)?;
+        if upload_ms == 0 {
+            return Err(ConfigError::new("WEB_UPLOAD_TIMEOUT_MS", "must be at least 1"));
+        }
         let admin_token = lookup("WEB_ADMIN_TOKEN").filter(|v| !v.trim().is_empty()).map(SecretString::from);
         if let Some(token) = &admin_token {
             let token = token.expose_secret();
@@ -121,6 +136,8 @@ impl Config {
             predict_timeout: Duration::from_millis(timeout_ms),
             predict_attempt_timeout: Duration::from_millis(attempt_ms.min(timeout_ms)),
             max_upload_bytes,
+            max_predictions,
+            upload_timeout: Duration::from_millis(upload_ms),
             admin_token,
             events_replay,
             sse_heartbeat: Duration::from_secs(heartbeat),
@@ -153,6 +170,8 @@ mod tests {
         assert_eq!(c.predict_timeout, Duration::from_secs(5));
         assert_eq!(c.predict_attempt_timeout, Duration::from_secs(2));
         assert_eq!(c.max_upload_bytes, 1_048_576);
+        assert_eq!(c.max_predictions, 64);
+        assert_eq!(c.upload_timeout, Duration::from_secs(10));
         assert!(!c.admin_enabled());
         assert_eq!(c.nats.client_name, "mnistflow-web");
     }
@@ -196,6 +215,8 @@ mod tests {
             ("WEB_EVENTS_REPLAY", "100000"),
             ("WEB_SSE_HEARTBEAT_SECS", "0"),
             ("WEB_MAX_EVENT_STREAMS", "0"),
+            ("WEB_MAX_PREDICTIONS", "0"),
+            ("WEB_UPLOAD_TIMEOUT_MS", "0"),
             ("WEB_METRICS_ADDR", "9102"),
             ("WEB_METRICS_ADDR", "0.0.0.0:8080"),
         ] {

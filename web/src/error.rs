@@ -14,11 +14,19 @@ use rocket::{Request, catch};
 pub struct ApiError {
     pub status: Status,
     pub message: String,
+    /// Sent as `Retry-After` (seconds), on answers worth retrying.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), retry_after: None }
+    }
+
+    /// The same error with a `Retry-After` of `seconds`.
+    pub fn retry_after(mut self, seconds: Option<u32>) -> Self {
+        self.retry_after = seconds;
+        self
     }
 
     /// Remembers this error on the request so that the catcher Rocket calls
@@ -43,6 +51,9 @@ impl<'r> Responder<'r, 'static> for ApiError {
         response.status(self.status).header(ContentType::JSON).sized_body(body.len(), std::io::Cursor::new(body));
         if self.status == Status::Unauthorized {
             response.header(Header::new("WWW-Authenticate", "Bearer realm=\"mnistflow admin\""));
+        }
+        if let Some(seconds) = self.retry_after {
+            response.header(Header::new("Retry-After", seconds.to_string()));
         }
         response.ok()
     }

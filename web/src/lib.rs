@@ -54,6 +54,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     /// One permit per open event stream.
     pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
+    /// One permit per prediction in flight (`WEB_MAX_PREDICTIONS`).
+    pub(crate) predictions: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why the web tier could not start or stopped.
@@ -101,7 +103,8 @@ pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
 fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> {
     let figment = figment(&config);
     let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
-    let state = AppState { config, bus, metrics, event_streams };
+    let predictions = Arc::new(tokio::sync::Semaphore::new(config.max_predictions));
+    let state = AppState { config, bus, metrics, event_streams, predictions };
     rocket::custom(figment)
         .manage(state)
         .mount(
