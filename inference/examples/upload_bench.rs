@@ -125,8 +125,11 @@ fn bmp_rgb() -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Writes one worst case.
+type Make = fn() -> anyhow::Result<Vec<u8>>;
+
 /// The worst cases, by file name.
-const IMAGES: [(&str, fn() -> anyhow::Result<Vec<u8>>); 7] = [
+const IMAGES: [(&str, Make); 7] = [
     ("png16-rgba-6324.png", png16_rgba),
     ("png16-rgba-6324-interlaced.png", png16_rgba_interlaced),
     ("jpeg-rgb-6324.jpg", jpeg_rgb),
