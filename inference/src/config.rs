@@ -13,6 +13,7 @@
 //! | `INFERENCE_MAX_BODY_BYTES` | largest accepted upload (HTTP 413) | `10485760` (10 MiB) |
 //! | `INFERENCE_MAX_PIXELS` | largest decoded image, width × height (HTTP 422) | `40000000` |
 //! | `INFERENCE_MAX_DIMENSION` | largest width or height (HTTP 422) | `20000` |
+//! | `INFERENCE_DECODE_BUDGET_BYTES` | memory all image decodes may hold at once, HTTP and NATS together; an image that needs more is refused (422), one that does not fit now is answered busy (HTTP 503 with `Retry-After`, NATS code 429) | `268435456` (256 MiB) |
 //! | `INFERENCE_REQUEST_TIMEOUT_MS` | longest wait for an answer from the compute thread (then 503) | `10000` |
 //! | `INFERENCE_MODEL_VERSION` | pin this version, ignoring `CURRENT` | unset |
 //! | `INFERENCE_POLL_SECS` | how often `CURRENT` is polled besides file notifications and events | `5` |
@@ -29,6 +30,11 @@ use mnistflow_nats::config::{flag, var, var_or};
 use mnistflow_nats::{ConfigError, ModelVersion, NatsConfig};
 use mnistflow_torch::Precision;
 
+/// The default decode budget, sized to a 1 GiB pod (k8s/base/inference.yaml):
+/// about 165 MiB idle with the model, plus the budget, plus up to as much again
+/// of freed decode buffers that glibc keeps in its heap (scripts/bench-uploads).
+pub const DEFAULT_DECODE_BUDGET_BYTES: u64 = 256 << 20;
+
 /// Limits applied to every upload, HTTP and NATS alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -38,11 +44,20 @@ pub struct Limits {
     pub max_pixels: u64,
     /// Largest width or height.
     pub max_dimension: u32,
+    /// Memory all decodes in the process may hold at once (see
+    /// [`DecodeBudget`](crate::preprocess::DecodeBudget)); also the most one
+    /// image may need.
+    pub decode_budget_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 10 * 1024 * 1024, max_pixels: 40_000_000, max_dimension: 20_000 }
+        Self {
+            max_body_bytes: 10 * 1024 * 1024,
+            max_pixels: 40_000_000,
+            max_dimension: 20_000,
+            decode_budget_bytes: DEFAULT_DECODE_BUDGET_BYTES,
+        }
     }
 }
 
@@ -143,6 +158,10 @@ impl Config {
             )?
             .try_into()
             .map_err(|_| ConfigError::new("INFERENCE_MAX_DIMENSION", "too large"))?,
+            decode_budget_bytes: positive(
+                "INFERENCE_DECODE_BUDGET_BYTES",
+                var_or(&lookup, "INFERENCE_DECODE_BUDGET_BYTES", DEFAULT_DECODE_BUDGET_BYTES)?,
+            )?,
         };
         let pinned_version: Option<String> = var(&lookup, "INFERENCE_MODEL_VERSION")?;
         let pinned_version = match pinned_version {

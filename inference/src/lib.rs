@@ -83,6 +83,7 @@ impl App {
             store: store.clone(),
             instance: config.instance.clone(),
             pinned: config.pinned_version.clone(),
+            decode_budget: preprocess::DecodeBudget::new(config.limits.decode_budget_bytes),
         });
         let tracker = TaskTracker::new();
         let reloader = reload::Reloader {

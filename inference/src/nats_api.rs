@@ -66,7 +66,7 @@ pub async fn serve(
 async fn respond(service: &Service, responder: Responder, result: Result<Prediction, ApiError>, started: Instant) {
     let (status, reply) = match result {
         Ok(p) => (200, PredictReply::Ok(p)),
-        Err(e) => (e.status(), PredictReply::Err(e.body())),
+        Err(e) => (e.status(), PredictReply::Err(e.reply())),
     };
     service.metrics.request("nats", status, started.elapsed().as_secs_f64());
     if let Err(e) = responder.send(&reply).await {

@@ -1,8 +1,13 @@
 //! Turning an upload into the model's input: what MNIST itself did to its scans.
 //!
 //! 1. Decode with limits set *before* decoding: the header's dimensions are checked
-//!    against [`Limits`] before a pixel buffer is allocated (decompression bombs are
-//!    refused, not decoded).
+//!    against [`Limits`], and the decode's memory is estimated from the header and
+//!    reserved from the process's [`DecodeBudget`], before a pixel buffer is
+//!    allocated (decompression bombs are refused, not decoded; a full budget is
+//!    "busy", not an out-of-memory kill). Decoding goes straight to 8-bit luma
+//!    where the codec allows (PNG streamed row by row, JPEG as its Y plane) and is
+//!    area-averaged into the work image as rows arrive: no 16-bit RGBA
+//!    intermediate, no second full-size copy.
 //! 2. Grayscale; transparency is composited onto the colour that contrasts with the
 //!    ink (a browser canvas exports black *or* white strokes on transparent pixels).
 //! 3. Polarity: the border's median tells the background; MNIST is white on black,
@@ -19,9 +24,11 @@
 //! later steps is bounded whatever the upload.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use image::imageops::FilterType;
-use image::{DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageError, ImageReader, Luma};
+use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageError, ImageFormat, ImageReader, Luma};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
 
@@ -52,6 +59,8 @@ pub enum PreprocessError {
     TooLarge(String),
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
+    #[error("busy: the images being decoded fill this instance's memory budget; retry shortly")]
+    Busy,
 }
 
 impl PreprocessError {
@@ -62,6 +71,7 @@ impl PreprocessError {
             Self::BodyTooLarge { .. } => 413,
             Self::Unsupported(_) => 415,
             Self::TooLarge(_) | Self::Corrupt(_) => 422,
+            Self::Busy => 503,
         }
     }
 }
@@ -80,7 +90,20 @@ fn from_image_error(e: ImageError) -> PreprocessError {
 /// # Errors
 /// Empty, too large, of an unknown type, corrupt or truncated; see [`PreprocessError`].
 pub fn prepare(bytes: &[u8], limits: &Limits, raw_ok: bool) -> Result<Pixels, PreprocessError> {
-    let gray = decode(bytes, limits, raw_ok)?;
+    prepare_within(bytes, limits, raw_ok, &DecodeBudget::new(limits.decode_budget_bytes))
+}
+
+/// [`prepare`] with the decode memory reserved from a shared `budget`.
+///
+/// # Errors
+/// See [`prepare`]; [`PreprocessError::Busy`] when `budget` cannot hold the decode now.
+pub fn prepare_within(
+    bytes: &[u8],
+    limits: &Limits,
+    raw_ok: bool,
+    budget: &DecodeBudget,
+) -> Result<Pixels, PreprocessError> {
+    let gray = decode(bytes, limits, raw_ok, budget)?;
     Ok(normalise(&gray))
 }
 
@@ -98,11 +121,91 @@ pub struct Gray {
     pub data: Vec<f32>,
 }
 
-/// Steps 1–2: decode with limits, composite alpha, grayscale, shrink to [`WORK_SIZE`].
+/// The memory all decodes of one process may hold at once, in bytes, shared by
+/// the HTTP and NATS routes.
+///
+/// Every decode estimates its peak from the image's header (format, width,
+/// height, colour type) *before* it allocates pixels and reserves that much;
+/// an image whose estimate exceeds the whole budget is refused (422), and one
+/// that does not fit in what is left now is answered [`PreprocessError::Busy`]
+/// (503 with `Retry-After`), never queued in memory.
+#[derive(Debug, Clone)]
+pub struct DecodeBudget {
+    permits: Arc<Semaphore>,
+    kib: u32,
+}
+
+/// The budget held by one decode; released on drop.
+#[derive(Debug)]
+pub struct Reservation(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl DecodeBudget {
+    /// A budget of `bytes` (rounded up to KiB; at most 4 TiB).
+    pub fn new(bytes: u64) -> Self {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).max(1);
+        Self { permits: Arc::new(Semaphore::new(kib as usize)), kib }
+    }
+
+    /// The whole budget in bytes.
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.kib) * 1024
+    }
+
+    /// Bytes not reserved right now.
+    pub fn available(&self) -> u64 {
+        self.permits.available_permits() as u64 * 1024
+    }
+
+    /// Reserves `bytes` without waiting.
+    ///
+    /// # Errors
+    /// [`PreprocessError::TooLarge`] when `bytes` exceeds the whole budget,
+    /// [`PreprocessError::Busy`] when it does not fit in what is left now.
+    pub fn reserve(&self, bytes: u64, what: &str) -> Result<Reservation, PreprocessError> {
+        let kib = bytes.div_ceil(1024).max(1);
+        if kib > u64::from(self.kib) {
+            return Err(PreprocessError::TooLarge(format!(
+                "decoding {what} needs about {} MiB, more than this instance's decode budget of {} MiB",
+                bytes.div_ceil(1 << 20),
+                self.bytes() >> 20
+            )));
+        }
+        match self.permits.clone().try_acquire_many_owned(kib as u32) {
+            Ok(permit) => Ok(Reservation(permit)),
+            Err(_) => Err(PreprocessError::Busy),
+        }
+    }
+}
+
+/// What a decode of a `w`×`h` image holds besides the pixels it is asked for:
+/// the shrinker's accumulators (12 bytes a work pixel), and 1 MiB for the
+/// decoders' own state (zlib's window, Huffman tables, rows in flight).
+fn overhead(w: u32, h: u32) -> u64 {
+    let (nw, nh) = work_size(w, h);
+    (1 << 20) + u64::from(nw) * u64::from(nh) * 12
+}
+
+/// The work image's size: at most [`WORK_SIZE`] a side, the aspect ratio kept.
+fn work_size(w: u32, h: u32) -> (u32, u32) {
+    if w.max(h) > WORK_SIZE {
+        let s = f64::from(WORK_SIZE) / f64::from(w.max(h));
+        (((f64::from(w) * s).round() as u32).max(1), ((f64::from(h) * s).round() as u32).max(1))
+    } else {
+        (w, h)
+    }
+}
+
+/// Steps 1–2: decode within `limits` and `budget`, composite alpha, grayscale,
+/// shrink to [`WORK_SIZE`].
+///
+/// Only the first frame of an animated image (GIF, APNG, animated WebP) is
+/// decoded: the default image of an APNG, the first frame of the others on
+/// their logical screen. Later frames are never read.
 ///
 /// # Errors
-/// See [`prepare`].
-pub fn decode(bytes: &[u8], limits: &Limits, raw_ok: bool) -> Result<Gray, PreprocessError> {
+/// See [`prepare`]; [`PreprocessError::Busy`] when `budget` cannot hold the
+/// decode now.
+pub fn decode(bytes: &[u8], limits: &Limits, raw_ok: bool, budget: &DecodeBudget) -> Result<Gray, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -112,26 +215,31 @@ pub fn decode(bytes: &[u8], limits: &Limits, raw_ok: bool) -> Result<Gray, Prepr
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        if raw_ok && bytes.len() == PIXELS {
-            let data = bytes.iter().map(|&b| f32::from(b) / 255.0).collect();
-            return Ok(Gray { width: SIDE, height: SIDE, data });
+    match reader.format() {
+        None => {
+            if raw_ok && bytes.len() == PIXELS {
+                let data = bytes.iter().map(|&b| f32::from(b) / 255.0).collect();
+                return Ok(Gray { width: SIDE, height: SIDE, data });
+            }
+            Err(PreprocessError::Unsupported(
+                " (send PNG, JPEG, GIF, BMP, WebP or TIFF; the content was not recognised as any)".into(),
+            ))
         }
-        return Err(PreprocessError::Unsupported(
-            " (send PNG, JPEG, GIF, BMP, WebP or TIFF; the content was not recognised as any)".into(),
-        ));
+        Some(ImageFormat::Png) => decode_png(bytes, limits, budget),
+        Some(ImageFormat::Jpeg) => decode_jpeg(bytes, limits, budget),
+        Some(_) => decode_other(reader, limits, budget),
     }
-    let mut reader = reader;
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(limits.max_dimension);
-    decoder_limits.max_image_height = Some(limits.max_dimension);
-    // Worst case: 16-bit RGBA output plus the decoder's own buffers.
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(decoder_limits);
-    let decoder = reader.into_decoder().map_err(from_image_error)?;
-    let (w, h) = decoder.dimensions();
+}
+
+fn check_size(w: u32, h: u32, limits: &Limits) -> Result<(), PreprocessError> {
     if w == 0 || h == 0 {
         return Err(PreprocessError::Corrupt(format!("image has no pixels ({w}×{h})")));
+    }
+    if w > limits.max_dimension || h > limits.max_dimension {
+        return Err(PreprocessError::TooLarge(format!(
+            "{w}×{h}: a side exceeds the limit of {} pixels",
+            limits.max_dimension
+        )));
     }
     if u64::from(w) * u64::from(h) > limits.max_pixels {
         return Err(PreprocessError::TooLarge(format!(
@@ -140,25 +248,193 @@ pub fn decode(bytes: &[u8], limits: &Limits, raw_ok: bool) -> Result<Gray, Prepr
             limits.max_pixels
         )));
     }
-    let image = DynamicImage::from_decoder(decoder).map_err(from_image_error)?;
-    Ok(to_gray(&image))
+    Ok(())
 }
 
-/// Grayscale with alpha composited onto the colour that contrasts with the ink,
-/// shrunk (area average) to at most [`WORK_SIZE`] per side.
-fn to_gray(image: &DynamicImage) -> Gray {
-    let (w, h) = (image.width(), image.height());
-    let (nw, nh) = if w.max(h) > WORK_SIZE {
-        let s = f64::from(WORK_SIZE) / f64::from(w.max(h));
-        (((f64::from(w) * s).round() as u32).max(1), ((f64::from(h) * s).round() as u32).max(1))
-    } else {
-        (w, h)
+fn png_error(e: png::DecodingError) -> PreprocessError {
+    match e {
+        png::DecodingError::LimitsExceeded => PreprocessError::TooLarge("the PNG exceeds the decode budget".into()),
+        other => PreprocessError::Corrupt(other.to_string()),
+    }
+}
+
+/// PNG through the `png` crate, reduced to 8 bits per sample while decoding (no
+/// 16-bit intermediate). A non-interlaced image is streamed row by row into the
+/// shrinker (memory: a few rows); an interlaced one needs its whole 8-bit frame.
+fn decode_png(bytes: &[u8], limits: &Limits, budget: &DecodeBudget) -> Result<Gray, PreprocessError> {
+    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    decoder.set_limits(png::Limits { bytes: usize::try_from(budget.bytes()).unwrap_or(usize::MAX) });
+    let info = decoder.read_header_info().map_err(png_error)?;
+    let (w, h, interlaced) = (info.width, info.height, info.interlaced);
+    check_size(w, h, limits)?;
+    let mut reader = decoder.read_info().map_err(png_error)?;
+    let (color, _) = reader.output_color_type();
+    let channels = color.samples();
+    let line = reader.output_line_size(w).ok_or_else(|| PreprocessError::TooLarge("PNG rows too long".into()))? as u64;
+    let frame = if interlaced { line * u64::from(h) } else { 0 };
+    let _reservation = budget.reserve(frame + 4 * line + overhead(w, h), "this PNG")?;
+    let alpha = matches!(color, png::ColorType::GrayscaleAlpha | png::ColorType::Rgba);
+    let mut shrink = Shrinker::new(w, h, alpha);
+    let mut feed = |y: u32, row: &[u8]| {
+        shrink.row(
+            y,
+            row.chunks_exact(channels).map(|p| match p {
+                [l] => (*l, 255),
+                [l, a] => (*l, *a),
+                [r, g, b] => (luma(*r, *g, *b), 255),
+                [r, g, b, a] => (luma(*r, *g, *b), *a),
+                _ => (0, 0),
+            }),
+        );
     };
-    if image.color().has_alpha() {
-        let la = image.to_luma_alpha8();
-        let la = if (nw, nh) == (w, h) { la } else { image::imageops::thumbnail(&la, nw, nh) };
-        let pixels: Vec<(f32, f32)> =
-            la.pixels().map(|p| (f32::from(p.0[0]) / 255.0, f32::from(p.0[1]) / 255.0)).collect();
+    if interlaced {
+        let mut buf = vec![0u8; line as usize * h as usize];
+        reader.next_frame(&mut buf).map_err(png_error)?;
+        for (y, row) in buf.chunks_exact(line as usize).enumerate() {
+            feed(y as u32, row);
+        }
+    } else {
+        for y in 0..h {
+            let row = reader
+                .next_row()
+                .map_err(png_error)?
+                .ok_or_else(|| PreprocessError::Corrupt(format!("the PNG ends after {y} of {h} rows")))?;
+            feed(y, row.data());
+        }
+    }
+    Ok(shrink.finish())
+}
+
+/// JPEG through `zune-jpeg`, asking it for luma only (the Y plane: no colour
+/// conversion, no RGB buffer). zune-jpeg cannot scale while decoding (no
+/// reduced-size IDCT), so a progressive JPEG holds its coefficients (2 bytes a
+/// sample) for the whole image; the estimate counts them.
+fn decode_jpeg(bytes: &[u8], limits: &Limits, budget: &DecodeBudget) -> Result<Gray, PreprocessError> {
+    use zune_core::colorspace::ColorSpace;
+    let jpeg_error = |e: zune_jpeg::errors::DecodeErrors| PreprocessError::Corrupt(format!("JPEG: {e}"));
+    let options = zune_core::options::DecoderOptions::default()
+        // Sides are checked below against the limits, as for every format.
+        .set_max_width(usize::from(u16::MAX))
+        .set_max_height(usize::from(u16::MAX))
+        .set_strict_mode(false)
+        .jpeg_set_out_colorspace(ColorSpace::Luma);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    decoder.decode_headers().map_err(jpeg_error)?;
+    let info = decoder.info().ok_or_else(|| PreprocessError::Corrupt("JPEG without a frame header".into()))?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    check_size(w, h, limits)?;
+    if !matches!(decoder.input_colorspace(), Some(ColorSpace::YCbCr | ColorSpace::Luma)) {
+        // CMYK and other rare kinds: the generic path, which converts through RGB.
+        let reader = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg);
+        return decode_other(reader, limits, budget);
+    }
+    // Blocks are padded to 16 pixels; output is one byte a pixel.
+    let padded = u64::from(w.div_ceil(16) * 16) * u64::from(h.div_ceil(16) * 16);
+    let coefficients = if info.sof.is_sequential_dct() { 0 } else { padded * 2 * u64::from(info.components) };
+    let _reservation = budget.reserve(padded + coefficients + overhead(w, h), "this JPEG")?;
+    let luma = decoder.decode().map_err(jpeg_error)?;
+    let mut shrink = Shrinker::new(w, h, false);
+    for (y, row) in luma.chunks_exact(w as usize).take(h as usize).enumerate() {
+        shrink.row(y as u32, row.iter().map(|&l| (l, 255)));
+    }
+    Ok(shrink.finish())
+}
+
+/// GIF, BMP, WebP, TIFF (and JPEGs that are not YCbCr) through `image`'s
+/// decoders: the native pixel buffer is the one full-size copy; it is read
+/// into the shrinker a band of rows at a time.
+fn decode_other(
+    reader: ImageReader<Cursor<&[u8]>>,
+    limits: &Limits,
+    budget: &DecodeBudget,
+) -> Result<Gray, PreprocessError> {
+    let mut reader = reader;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_dimension);
+    decoder_limits.max_image_height = Some(limits.max_dimension);
+    decoder_limits.max_alloc = Some(budget.bytes());
+    reader.limits(decoder_limits.clone());
+    let mut decoder = reader.into_decoder().map_err(from_image_error)?;
+    let (w, h) = decoder.dimensions();
+    check_size(w, h, limits)?;
+    // The decoders' own buffers (a GIF frame that does not match its screen, WebP's
+    // planes, TIFF strips) are allowed as much again as the output, no more: the
+    // decoder refuses to allocate past the reservation.
+    let native = decoder.total_bytes();
+    let estimate = native.saturating_mul(2).saturating_add(overhead(w, h));
+    let _reservation = budget.reserve(estimate, "this image")?;
+    decoder_limits.max_alloc = Some(estimate);
+    decoder.set_limits(decoder_limits).map_err(from_image_error)?;
+    let image = DynamicImage::from_decoder(decoder).map_err(from_image_error)?;
+    let mut shrink = Shrinker::new(w, h, image.color().has_alpha());
+    const BAND: u32 = 64;
+    for y0 in (0..h).step_by(BAND as usize) {
+        let band = image.crop_imm(0, y0, w, BAND.min(h - y0)).to_luma_alpha8();
+        for (dy, row) in band.as_raw().chunks_exact(2 * w as usize).enumerate() {
+            shrink.row(y0 + dy as u32, row.chunks_exact(2).map(|p| (p[0], p[1])));
+        }
+    }
+    Ok(shrink.finish())
+}
+
+/// Rec. 709 luma, as `image` computes it for 8-bit RGB.
+fn luma(r: u8, g: u8, b: u8) -> u8 {
+    ((2126 * u32::from(r) + 7152 * u32::from(g) + 722 * u32::from(b)) / 10_000) as u8
+}
+
+/// Area-averages rows of (luma, alpha) into at most [`WORK_SIZE`] per side as they
+/// arrive, so no full-size grayscale copy exists; then composites alpha onto the
+/// colour that contrasts with the ink.
+struct Shrinker {
+    w: u32,
+    h: u32,
+    nw: u32,
+    nh: u32,
+    alpha: bool,
+    luma: Vec<f32>,
+    opacity: Vec<f32>,
+    count: Vec<u32>,
+}
+
+impl Shrinker {
+    fn new(w: u32, h: u32, alpha: bool) -> Self {
+        let (nw, nh) = work_size(w, h);
+        let n = nw as usize * nh as usize;
+        Self { w, h, nw, nh, alpha, luma: vec![0.0; n], opacity: vec![0.0; n], count: vec![0; n] }
+    }
+
+    fn row(&mut self, y: u32, pixels: impl Iterator<Item = (u8, u8)>) {
+        if y >= self.h {
+            return;
+        }
+        let ty = (u64::from(y) * u64::from(self.nh) / u64::from(self.h)) as usize;
+        let base = ty * self.nw as usize;
+        for (x, (l, a)) in pixels.take(self.w as usize).enumerate() {
+            let tx = (x as u64 * u64::from(self.nw) / u64::from(self.w)) as usize;
+            let i = base + tx;
+            self.luma[i] += f32::from(l);
+            self.opacity[i] += f32::from(a);
+            self.count[i] += 1;
+        }
+    }
+
+    fn finish(self) -> Gray {
+        let pixels: Vec<(f32, f32)> = self
+            .luma
+            .iter()
+            .zip(&self.opacity)
+            .zip(&self.count)
+            .map(|((&l, &a), &n)| {
+                let n = n.max(1) as f32 * 255.0;
+                // Unreached cells (a truncated band) stay transparent black.
+                (l / n, a / n)
+            })
+            .collect();
+        let (width, height) = (self.nw as usize, self.nh as usize);
+        if !self.alpha {
+            return Gray { width, height, data: pixels.iter().map(|&(l, _)| l).collect() };
+        }
         let transparent = pixels.iter().any(|&(_, a)| a < 0.98);
         let background = if transparent {
             // The colour of the (partly) opaque pixels is the ink's: composite onto its opposite.
@@ -170,12 +446,7 @@ fn to_gray(image: &DynamicImage) -> Gray {
             0.0
         };
         let data = pixels.iter().map(|&(l, a)| l * a + background * (1.0 - a)).collect();
-        Gray { width: nw as usize, height: nh as usize, data }
-    } else {
-        let g: GrayImage = image.to_luma8();
-        let g = if (nw, nh) == (w, h) { g } else { image::imageops::thumbnail(&g, nw, nh) };
-        let data = g.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect();
-        Gray { width: nw as usize, height: nh as usize, data }
+        Gray { width, height, data }
     }
 }
 
@@ -343,6 +614,8 @@ fn crop_to_ink(mut n: Vec<f32>, w: usize, h: usize) -> Option<(usize, usize, usi
 
 #[cfg(test)]
 mod tests {
+    use image::GrayImage;
+
     use super::*;
 
     fn png(img: &DynamicImage) -> Vec<u8> {

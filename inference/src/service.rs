@@ -10,12 +10,15 @@ use crate::batcher::{Answer, Batcher, PredictFailure};
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::model::ModelSlot;
-use crate::preprocess::{self, PreprocessError};
+use crate::preprocess::{self, DecodeBudget, PreprocessError};
 
 /// Uploads that decode to at most this many pixels are prepared on the calling
 /// task: a 28×28 PNG takes microseconds, less than a hop to the blocking pool.
 /// Anything larger goes to `spawn_blocking`, off the async workers.
 pub const INLINE_MAX_PIXELS: u64 = 128 * 128;
+
+/// The `code` of a NATS error reply when the decode budget is full (HTTP answers 503).
+pub const BUSY_CODE: u16 = 429;
 
 /// Why a prediction request failed; the one place statuses are decided.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,13 +48,23 @@ impl ApiError {
                 Some(1)
             }
             Self::Predict(PredictFailure::NoModel) => Some(5),
+            Self::Input(PreprocessError::Busy) => Some(1),
             _ => None,
         }
     }
 
-    /// The JSON error body.
+    /// The JSON error body of the HTTP API.
     pub fn body(&self) -> PredictError {
         PredictError::new(self.status(), self.to_string())
+    }
+
+    /// The error reply on `mnist.predict`: the HTTP body with the retry hint in
+    /// `retry_after_secs`, and a full decode budget told apart from the other 503s
+    /// by its code, [`BUSY_CODE`] (429): this instance is busy, another
+    /// instance of the queue group may not be, so a requester can retry at once.
+    pub fn reply(&self) -> PredictError {
+        let code = if matches!(self, Self::Input(PreprocessError::Busy)) { BUSY_CODE } else { self.status() };
+        PredictError::new(code, self.to_string()).with_retry_after(self.retry_after())
     }
 }
 
@@ -65,6 +78,8 @@ pub struct Service {
     pub store: Store,
     pub instance: String,
     pub pinned: Option<ModelVersion>,
+    /// The memory all decodes may hold at once, HTTP and NATS together.
+    pub decode_budget: DecodeBudget,
 }
 
 impl Service {
@@ -72,20 +87,24 @@ impl Service {
     /// through the batcher. `raw_ok` also accepts 784 raw pixel bytes.
     ///
     /// # Errors
-    /// Bad input (400/413/415/422), a full queue or no model (503), a failed
-    /// forward pass (500).
+    /// Bad input (400/413/415/422), a full decode budget, a full queue or no
+    /// model (503), a failed forward pass (500).
     pub async fn predict(&self, bytes: Vec<u8>, raw_ok: bool) -> Result<Answer, ApiError> {
         let limits = self.limits;
         let small = bytes.len() as u64 <= limits.max_body_bytes
             && preprocess::dimensions(&bytes).is_none_or(|(w, h)| u64::from(w) * u64::from(h) <= INLINE_MAX_PIXELS);
         let pixels = if small {
-            preprocess::prepare(&bytes, &limits, raw_ok)?
+            preprocess::prepare_within(&bytes, &limits, raw_ok, &self.decode_budget)
         } else {
             let span = tracing::Span::current();
-            tokio::task::spawn_blocking(move || span.in_scope(|| preprocess::prepare(&bytes, &limits, raw_ok)))
-                .await
-                .map_err(|e| ApiError::Other(500, format!("preprocessing failed: {e}")))??
+            let budget = self.decode_budget.clone();
+            tokio::task::spawn_blocking(move || {
+                span.in_scope(|| preprocess::prepare_within(&bytes, &limits, raw_ok, &budget))
+            })
+            .await
+            .map_err(|e| ApiError::Other(500, format!("preprocessing failed: {e}")))?
         };
+        let pixels = pixels?;
         Ok(self.batcher.predict(Box::new(pixels)).await?)
     }
 }

@@ -299,8 +299,9 @@ pub struct PredictError {
 pub struct ErrorBody {
     pub code: u16,
     pub message: String,
-    /// Seconds after which a busy instance suggests sending the request again;
-    /// absent from the replies of most errors (and then not written at all).
+    /// Seconds after which a busy instance suggests sending the request again
+    /// (the HTTP API's `Retry-After`); absent from the replies of most errors
+    /// (and then not written at all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u32>,
 }
@@ -308,6 +309,13 @@ pub struct ErrorBody {
 impl PredictError {
     pub fn new(code: u16, message: impl Into<String>) -> Self {
         Self { error: ErrorBody { code, message: message.into(), retry_after_secs: None } }
+    }
+
+    /// The same error with a retry hint in seconds.
+    #[must_use]
+    pub fn with_retry_after(mut self, seconds: Option<u32>) -> Self {
+        self.error.retry_after_secs = seconds;
+        self
     }
 
     /// A busy answer (503): the request may succeed if sent again after `retry_after_secs`.
@@ -318,7 +326,7 @@ impl PredictError {
     /// What kind of refusal this is, for a caller that answers it in turn.
     pub fn kind(&self) -> Refusal {
         match (self.error.code, self.error.retry_after_secs) {
-            (503, retry_after_secs) => Refusal::Busy { retry_after_secs },
+            (503 | 429, retry_after_secs) => Refusal::Busy { retry_after_secs },
             (code, _) => Refusal::Rejected { code },
         }
     }
@@ -327,8 +335,9 @@ impl PredictError {
 /// The kinds of [`PredictError`] a caller tells apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// The instance could not take the request now (a full queue, no model yet,
-    /// shutting down); with a hint, the seconds after which to try again.
+    /// The instance could not take the request now: code 503 (a full queue, no
+    /// model yet, shutting down) or 429 (its decode budget is full: another
+    /// instance may not be); with a hint, the seconds after which to try again.
     Busy { retry_after_secs: Option<u32> },
     /// The request itself was refused (bad input: 4xx) or failed (5xx).
     Rejected { code: u16 },

@@ -8,6 +8,8 @@
 //! | `WEB_PREDICT_TIMEOUT_MS` | how long a prediction may wait for an inference instance, retries included | `5000` |
 //! | `WEB_PREDICT_ATTEMPT_TIMEOUT_MS` | how long one attempt waits before it is sent again (within the timeout above) | `2000` |
 //! | `WEB_MAX_UPLOAD_BYTES` | largest accepted upload (NATS' default `max_payload` is 1 MiB) | `1048576` |
+//! | `WEB_MAX_PREDICTIONS` | predictions in flight at once, uploads being read included; more get 503 with `Retry-After` | `64` |
+//! | `WEB_UPLOAD_TIMEOUT_MS` | how long an upload's body may take to arrive (a slow sender is cut off with 408: Rocket 0.5 has no read timeout of its own) | `10000` |
 //! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
 //! | `WEB_ADMIN_MAX_FAILURES` | wrong admin tokens from one client before it is locked out (`lockout.rs`) | `5` |
 //! | `WEB_ADMIN_LOCKOUT_SECS` | the window those failures are counted in, and how long a lockout lasts | `900` |
@@ -45,6 +47,11 @@ pub struct Config {
     /// prediction is idempotent, so a second attempt beats a 504.
     pub predict_attempt_timeout: Duration,
     pub max_upload_bytes: u64,
+    /// Predictions in flight at once, from the first byte of the upload to the
+    /// answer; more are answered 503 at once.
+    pub max_predictions: usize,
+    /// The deadline for reading an upload's body.
+    pub upload_timeout: Duration,
     /// `None` disables the admin API entirely (its routes answer 404).
     pub admin_token: Option<SecretString>,
     /// Wrong admin tokens from one client before it is locked out.
@@ -99,6 +106,14 @@ impl Config {
         if max_upload_bytes == 0 {
             return Err(ConfigError::new("WEB_MAX_UPLOAD_BYTES", "must be at least 1"));
         }
+        let max_predictions: usize = var_or(&lookup, "WEB_MAX_PREDICTIONS", 64)?;
+        if max_predictions == 0 {
+            return Err(ConfigError::new("WEB_MAX_PREDICTIONS", "must be at least 1"));
+        }
+        let upload_ms: u64 = var_or(&lookup, "WEB_UPLOAD_TIMEOUT_MS", 10_000)?;
+        if upload_ms == 0 {
+            return Err(ConfigError::new("WEB_UPLOAD_TIMEOUT_MS", "must be at least 1"));
+        }
         let admin_token = lookup("WEB_ADMIN_TOKEN").filter(|v| !v.trim().is_empty()).map(SecretString::from);
         if let Some(token) = &admin_token {
             let token = token.expose_secret();
@@ -142,6 +157,8 @@ impl Config {
             predict_timeout: Duration::from_millis(timeout_ms),
             predict_attempt_timeout: Duration::from_millis(attempt_ms.min(timeout_ms)),
             max_upload_bytes,
+            max_predictions,
+            upload_timeout: Duration::from_millis(upload_ms),
             admin_token,
             admin_max_failures,
             admin_lockout: Duration::from_secs(admin_lockout_secs),
@@ -177,6 +194,8 @@ mod tests {
         assert_eq!(c.predict_timeout, Duration::from_secs(5));
         assert_eq!(c.predict_attempt_timeout, Duration::from_secs(2));
         assert_eq!(c.max_upload_bytes, 1_048_576);
+        assert_eq!(c.max_predictions, 64);
+        assert_eq!(c.upload_timeout, Duration::from_secs(10));
         assert!(!c.admin_enabled());
         assert_eq!(c.nats.client_name, "mnistflow-web");
     }
@@ -220,6 +239,8 @@ mod tests {
             ("WEB_EVENTS_REPLAY", "100000"),
             ("WEB_SSE_HEARTBEAT_SECS", "0"),
             ("WEB_MAX_EVENT_STREAMS", "0"),
+            ("WEB_MAX_PREDICTIONS", "0"),
+            ("WEB_UPLOAD_TIMEOUT_MS", "0"),
             ("WEB_METRICS_ADDR", "9102"),
             ("WEB_METRICS_ADDR", "0.0.0.0:8080"),
         ] {

@@ -57,6 +57,8 @@ pub(crate) struct AppState {
     pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
     /// Wrong admin tokens per client.
     pub(crate) admin_lockout: lockout::AdminLockout,
+    /// One permit per prediction in flight (`WEB_MAX_PREDICTIONS`).
+    pub(crate) predictions: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why the web tier could not start or stopped.
@@ -105,7 +107,8 @@ fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> 
     let figment = figment(&config);
     let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
     let admin_lockout = lockout::AdminLockout::new(config.admin_max_failures, config.admin_lockout);
-    let state = AppState { config, bus, metrics, event_streams, admin_lockout };
+    let predictions = Arc::new(tokio::sync::Semaphore::new(config.max_predictions));
+    let state = AppState { config, bus, metrics, event_streams, admin_lockout, predictions };
     rocket::custom(figment)
         .manage(state)
         .mount(

@@ -8,6 +8,14 @@
 //! `<prefix>.predict` through the contract's [`PredictClient`]; the reply (a
 //! `Prediction`, or a `PredictError` whose code becomes the HTTP status) is
 //! answered in the same JSON.
+//! An instance's "busy" reply (503, or 429: its decode budget is full) becomes 503
+//! with the `Retry-After` it suggested.
+//!
+//! At most `WEB_MAX_PREDICTIONS` predictions are in flight, counted from before
+//! the upload is read (so the bodies in memory are bounded too); beyond that
+//! the answer is 503 with `Retry-After`. An upload must arrive within
+//! `WEB_UPLOAD_TIMEOUT_MS` (408 otherwise), so a client trickling its body
+//! cannot hold a slot.
 
 use std::time::Instant;
 
@@ -18,14 +26,15 @@ use rocket::http::{ContentType, Status};
 use rocket::request::{self, FromRequest};
 use rocket::serde::json::Json;
 use rocket::{Request, State, post};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, info_span, warn};
 
 use crate::AppState;
 use crate::error::ApiError;
 
-/// The image bytes of an upload.
+/// The image bytes of an upload, and its slot among the predictions in flight.
 #[derive(Debug)]
-pub struct Upload(pub Bytes);
+pub struct Upload(pub Bytes, OwnedSemaphorePermit);
 
 #[rocket::async_trait]
 impl<'r> FromData<'r> for Upload {
@@ -35,9 +44,28 @@ impl<'r> FromData<'r> for Upload {
         let Some(state) = req.rocket().state::<AppState>() else {
             return data::Outcome::Error(ApiError::new(Status::InternalServerError, "no state").stash(req));
         };
-        match read_upload(req, data, state.config.max_upload_bytes).await {
-            Ok(bytes) => data::Outcome::Success(Self(bytes)),
-            Err(e) => data::Outcome::Error(e.stash(req)),
+        let Ok(permit) = state.predictions.clone().try_acquire_owned() else {
+            state.metrics.prediction("busy", None);
+            let busy = ApiError::new(
+                Status::ServiceUnavailable,
+                "too many predictions in flight on this server; try again in a moment",
+            )
+            .retry_after(1);
+            return data::Outcome::Error(busy.stash(req));
+        };
+        let timeout = state.config.upload_timeout;
+        let read = tokio::time::timeout(timeout, read_upload(req, data, state.config.max_upload_bytes));
+        match read.await {
+            Ok(Ok(bytes)) => data::Outcome::Success(Self(bytes, permit)),
+            Ok(Err(e)) => data::Outcome::Error(e.stash(req)),
+            Err(_) => {
+                state.metrics.prediction("upload_timeout", None);
+                let slow = ApiError::new(
+                    Status::RequestTimeout,
+                    format!("the upload did not arrive within {} ms", timeout.as_millis()),
+                );
+                data::Outcome::Error(slow.stash(req))
+            }
         }
     }
 }
@@ -124,11 +152,11 @@ pub(crate) async fn predict(
     trace: TraceContext<'_>,
     state: &State<AppState>,
 ) -> Result<Json<Prediction>, ApiError> {
-    let upload = upload?;
-    let span = info_span!("predict", bytes = upload.0.len(), otel.kind = "server", otel.name = "POST /api/predict");
+    let Upload(image, _slot) = upload?;
+    let span = info_span!("predict", bytes = image.len(), otel.kind = "server", otel.name = "POST /api/predict");
     // The page's trace when it sent one; otherwise this span starts the trace.
     telemetry::set_parent_from_http(&span, trace.parent, trace.state);
-    forward(state, upload.0).instrument(span).await
+    forward(state, image).instrument(span).await
 }
 
 /// Sends the image to whichever inference instance takes it (retried within the

@@ -195,6 +195,87 @@ async fn predict_answers_503_with_retry_after_when_the_instance_is_busy() {
 }
 
 #[tokio::test]
+async fn predictions_beyond_the_cap_answer_503_with_retry_after_and_a_busy_instance_becomes_503() {
+    let (server, bus) = nats().await;
+    let limits =
+        [("WEB_MAX_PREDICTIONS", "1"), ("WEB_PREDICT_TIMEOUT_MS", "3000"), ("WEB_PREDICT_ATTEMPT_TIMEOUT_MS", "3000")];
+    let client = client(&server, &bus, &limits).await;
+    let silent = responder(&bus, Answer::Silent).await;
+    let (png, _) = test_digit_png(0);
+    let first = client.post("/api/predict").header(ContentType::PNG).body(&png).dispatch();
+    let second = async {
+        // The first holds the only slot once its request has reached the instance.
+        crate::common::eventually("the first prediction to reach the instance", Duration::from_secs(10), || async {
+            (silent.count() == 1).then_some(())
+        })
+        .await;
+        let r = client.post("/api/predict").header(ContentType::PNG).body(&png).dispatch().await;
+        let retry_after = r.headers().get_one("Retry-After").map(str::to_owned);
+        (r.status(), retry_after, json(r).await)
+    };
+    let (first, (status, retry_after, body)) = tokio::join!(first, second);
+    assert_eq!(status, Status::ServiceUnavailable, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(body["error"]["message"].as_str().unwrap().contains("too many predictions"), "{body}");
+    assert_eq!(silent.count(), 1, "the refused prediction never reached NATS");
+    assert_eq!(first.status(), Status::GatewayTimeout, "the first ran its course");
+    drop(silent);
+
+    // The slot is free again; an instance whose decode budget is full answers
+    // code 429, which the page gets as 503 (with the instance's Retry-After hint
+    // when it gave one: this reply has none, and the page invents none).
+    let _busy = responder(&bus, Answer::Error(429, "busy: the decode budget is full")).await;
+    let r = client.post("/api/predict").header(ContentType::PNG).body(&png).dispatch().await;
+    assert_eq!(r.status(), Status::ServiceUnavailable);
+    assert_eq!(r.headers().get_one("Retry-After"), None);
+    assert_eq!(json(r).await["error"]["message"], "busy: the decode budget is full");
+}
+
+#[tokio::test]
+async fn an_upload_trickling_slower_than_the_deadline_is_cut_off_with_408_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, bus) = nats().await;
+    let _inference = responder(&bus, Answer::Error(422, "the image has no ink")).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let extra = [("WEB_MAX_PREDICTIONS", "1"), ("WEB_UPLOAD_TIMEOUT_MS", "300"), ("WEB_METRICS_ADDR", "off")];
+    let web =
+        mnistflow_web::start(crate::common::config(&server, &extra), bus.clone(), shutdown.clone()).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(web.addr()).await.unwrap();
+    let head = "POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    // More than the 14 bytes Rocket peeks at before routing (for a `_method`
+    // field) whatever the content type: a body that stalls inside those is held
+    // there, before any route or guard runs (see the README).
+    slow.write_all(&[0u8; 100]).await.unwrap();
+    // 900 bytes never come: the answer must, within the deadline and some margin.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+            let n = slow.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+    });
+    read.await.expect("an answer to the trickling upload within 10 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // Its slot (the only one) is free: the next prediction is forwarded.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/predict", web.addr()))
+        .header("content-type", "image/png")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    shutdown.cancel();
+    web.wait().await.unwrap();
+}
+
+#[tokio::test]
 async fn predict_rejects_text_with_415_and_empty_or_fileless_bodies_with_400_without_forwarding() {
     let (server, bus) = nats().await;
     let client = client(&server, &bus, &[]).await;
