@@ -68,10 +68,14 @@ async fn works(bus: &Bus) {
     assert_eq!(published.sequence, 1);
 }
 
+/// The error with its causes (what the stage's `main` prints).
 fn refused(result: Result<Bus, BusError>, what: &str) -> String {
     match result {
         Ok(_) => panic!("{what}: connected"),
-        Err(e) => e.to_string(),
+        Err(e) => std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": "),
     }
 }
 
