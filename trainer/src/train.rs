@@ -103,6 +103,11 @@ pub fn train(
     control: &Control,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<Trained, TrainError> {
+    // libtorch's random generator is one per process: two runs at once (tests of
+    // one binary, side by side) would draw each other's numbers, and a seed would
+    // no longer reproduce its run. One run at a time per process, as a worker does.
+    static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _run = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     tch::manual_seed(hp.seed as i64);
     let vs = nn::VarStore::new(device);
     let net = Net::new(&vs.root());
