@@ -234,7 +234,22 @@ impl Bus {
     /// without set-up, a stream or consumer still missing at the deadline.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         if self.setup {
-            streams::ensure(&self.js, &self.subjects, self.stream_replicas).await
+            // A JetStream request that times out during set-up (a cluster whose
+            // servers are still electing their leaders, a Job started beside the
+            // NATS pods) is tried again within the connect timeout: set-up is
+            // idempotent, so a request that did reach the server does no harm.
+            let started = Instant::now();
+            let mut delay = Duration::from_millis(250);
+            loop {
+                match streams::ensure(&self.js, &self.subjects, self.stream_replicas).await {
+                    Err(e) if timed_out(&e) && started.elapsed() + delay < self.setup_wait => {
+                        warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "JetStream set-up timed out; retrying.");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    other => return other,
+                }
+            }
         } else {
             streams::wait_for(&self.js, &self.subjects, self.setup_wait).await
         }
@@ -362,6 +377,12 @@ impl Bus {
             .map_err(|e| BusError::subscribe(self.subjects.full(M::SUBJECT), e))?;
         Ok(WorkQueue { consumer, messages, _type: PhantomData })
     }
+}
+
+/// Whether a set-up failure is a JetStream request that got no answer in time.
+fn timed_out(error: &BusError) -> bool {
+    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
+        .any(|e| e.to_string().contains("timed out"))
 }
 
 /// Picks rustls' crypto provider for the process once. async-nats builds its TLS
