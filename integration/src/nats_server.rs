@@ -135,6 +135,33 @@ impl NatsServer {
         self.dir.path()
     }
 
+    /// Makes a server started with [`NatsServer::start_with_config`] read its
+    /// configuration file again, as an operator does: `nats-server --signal
+    /// reload=<pid file>` (SIGHUP), then waits until `/varz` reports the new
+    /// load time. The environment is the one it started with.
+    ///
+    /// # Panics
+    /// The signal cannot be sent, or the server does not report a reload within
+    /// 10 s (an invalid file: the server keeps its old configuration).
+    pub fn reload(&self) {
+        let loaded = || {
+            crate::keda::get_json(&self.monitoring_url(), "/varz")
+                .map(|v| v["config_load_time"].as_str().unwrap_or_default().to_owned())
+        };
+        let before = loaded().expect("the server's /varz");
+        let status = Command::new(nats_server_bin())
+            .arg("--signal")
+            .arg(format!("reload={}", self.dir.path().join("nats.pid").display()))
+            .status()
+            .expect("run nats-server --signal reload");
+        assert!(status.success(), "nats-server --signal reload: {status}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while loaded().as_ref().ok() == Some(&before) {
+            assert!(Instant::now() < deadline, "nats-server did not reload its configuration within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the server (SIGKILL) and waits for it to exit; the data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
