@@ -1,5 +1,5 @@
 //! Least privilege on NATS: a real nats-server started with the deployment's own
-//! configuration (`k8s/base/nats.conf` as the ConfigMap carries it, with the local
+//! configuration (`k8s/base/nats.conf` as the ConfigMap carries it, its empty `tls.conf`, with the local
 //! overlay's `nats-single.conf` and `nats-jetstream.conf` as its includes, and the
 //! passwords of `k8s/base/secret.yaml`), and each stage's NATS calls made through
 //! the `nats` crate with that stage's own identity: set-up by the promoter and the
