@@ -212,6 +212,16 @@ impl NatsCluster {
         self.spawn(i);
     }
 
+    /// Makes server `i` read its configuration again (`nats-server --signal
+    /// reload`): certificate files rewritten in place (a renewal) take effect.
+    ///
+    /// # Panics
+    /// The server does not run, or does not report a reload within 10 s.
+    pub fn reload(&self, i: usize) {
+        let pid = self.nodes[i].child.as_ref().map(Child::id).expect("the server runs");
+        crate::nats_server::reload(&pid.to_string(), &self.monitoring_url(i));
+    }
+
     /// The stream's `/jsz` detail as a running server other than `skip` reports it.
     fn stream_detail(&self, account: &str, stream: &str, from: usize) -> Result<serde_json::Value, String> {
         let jsz = get_json(

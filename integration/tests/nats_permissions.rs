@@ -59,11 +59,21 @@ fn server(dir: &Path) -> NatsServer {
 /// A bus connected as `user` with the password the Secret gives that stage.
 async fn connect(nats: &NatsServer, user: &str, setup: bool) -> Bus {
     let password = secret()[&format!("NATS_{}_PASSWORD", user.to_ascii_uppercase())].clone();
+    connect_as(nats, user, &password, setup).await.unwrap_or_else(|e| panic!("{user} connects: {e}"))
+}
+
+/// A bus connected as `user` with `password` (refused credentials fail at once).
+async fn connect_as(
+    nats: &NatsServer,
+    user: &str,
+    password: &str,
+    setup: bool,
+) -> Result<Bus, mnistflow_nats::BusError> {
     let url = nats.url();
     let config = NatsConfig::from_lookup(|k| match k {
         "NATS_URL" => Some(url.clone()),
         "NATS_USER" => Some(user.to_owned()),
-        "NATS_PASSWORD" => Some(password.clone()),
+        "NATS_PASSWORD" => Some(password.to_owned()),
         "NATS_SETUP" => Some(setup.to_string()),
         "NATS_CONNECT_TIMEOUT_SECS" => Some("20".into()),
         "NATS_PUBLISH_RETRY_SECS" => Some("10".into()),
@@ -71,23 +81,21 @@ async fn connect(nats: &NatsServer, user: &str, setup: bool) -> Bus {
     })
     .unwrap()
     .with_client_name(format!("test-{user}"));
-    Bus::connect(&config, &CancellationToken::new()).await.unwrap_or_else(|e| panic!("{user} connects: {e}"))
+    Bus::connect(&config, &CancellationToken::new()).await
 }
 
-/// A bus connected as `user` with `password` (no retrying: refused credentials fail at once).
-async fn connect_as(nats: &NatsServer, user: &str, password: &str) -> Result<Bus, mnistflow_nats::BusError> {
-    let url = nats.url();
-    let config = NatsConfig::from_lookup(|k| match k {
-        "NATS_URL" => Some(url.clone()),
-        "NATS_USER" => Some(user.to_owned()),
-        "NATS_PASSWORD" => Some(password.to_owned()),
-        "NATS_SETUP" => Some("false".into()),
-        "NATS_CONNECT_TIMEOUT_SECS" => Some("5".into()),
-        _ => None,
+/// Inference's side of `mnist.predict`: answers every request in its queue group with "7".
+async fn answer_predictions(inference: &Bus, predict: &str) -> tokio::task::JoinHandle<()> {
+    let mut responder =
+        inference.client().queue_subscribe(predict.to_owned(), subjects::PREDICT_QUEUE_GROUP.to_owned()).await.unwrap();
+    let client = inference.client().clone();
+    tokio::spawn(async move {
+        while let Some(m) = responder.next().await {
+            if let Some(reply) = m.reply {
+                client.publish(reply, "7".into()).await.unwrap();
+            }
+        }
     })
-    .unwrap()
-    .with_client_name(format!("test-{user}"));
-    Bus::connect(&config, &CancellationToken::new()).await
 }
 
 /// Takes one delivery of a work queue, acks it, returns its payload.
@@ -228,18 +236,7 @@ async fn each_stage_works_with_its_own_nats_identity_and_no_more() {
 
     // Predictions: inference answers in its queue group, web asks.
     let predict = subjects.full(subjects::PREDICT);
-    let mut responder =
-        inference.client().queue_subscribe(predict.clone(), subjects::PREDICT_QUEUE_GROUP.to_owned()).await.unwrap();
-    let answering = tokio::spawn({
-        let client = inference.client().clone();
-        async move {
-            while let Some(m) = responder.next().await {
-                if let Some(reply) = m.reply {
-                    client.publish(reply, "7".into()).await.unwrap();
-                }
-            }
-        }
-    });
+    let answering = answer_predictions(&inference, &predict).await;
     // A round trip on the same connection: the server has the subscription after it.
     inference.ensure_streams().await.unwrap();
     let answer = tokio::time::timeout(WAIT, web.client().request(predict.clone(), "png".into()))
@@ -302,18 +299,7 @@ async fn a_nats_password_is_rotated_by_reload_and_the_stage_that_moved_is_never_
 
     // Inference answers predictions; the web stage asks them with the old password.
     let inference = connect(&nats, "inference", false).await;
-    let mut responder =
-        inference.client().queue_subscribe(predict.clone(), subjects::PREDICT_QUEUE_GROUP.to_owned()).await.unwrap();
-    let answering = tokio::spawn({
-        let client = inference.client().clone();
-        async move {
-            while let Some(m) = responder.next().await {
-                if let Some(reply) = m.reply {
-                    client.publish(reply, "7".into()).await.unwrap();
-                }
-            }
-        }
-    });
+    let answering = answer_predictions(&inference, &predict).await;
     inference.client().flush().await.unwrap();
     let ask = |bus: &Bus, what: &'static str| {
         let (client, predict) = (bus.client().clone(), predict.clone());
@@ -325,7 +311,7 @@ async fn a_nats_password_is_rotated_by_reload_and_the_stage_that_moved_is_never_
             assert_eq!(&answer.payload[..], b"7", "{what}");
         }
     };
-    let web_old = connect_as(&nats, "web", &old).await.expect("web with the old password");
+    let web_old = connect_as(&nats, "web", &old, false).await.expect("web with the old password");
     let mut old_dropped = web_old.disconnections();
     ask(&web_old, "web with the old password").await;
 
@@ -336,7 +322,7 @@ async fn a_nats_password_is_rotated_by_reload_and_the_stage_that_moved_is_never_
     assert_ne!(both, deployed, "nats.conf has no `users: [` line to add the rotation's user to");
     std::fs::write(&conf, &both).unwrap();
     nats.reload();
-    let web_new = connect_as(&nats, "web.next", new).await.expect("web.next with the new password");
+    let web_new = connect_as(&nats, "web.next", new, false).await.expect("web.next with the new password");
     let new_dropped = web_new.disconnections();
     ask(&web_new, "web.next with the new password (its replies on the identity's inbox)").await;
     ask(&web_old, "web with the old password, after the first reload").await;
@@ -354,7 +340,7 @@ async fn a_nats_password_is_rotated_by_reload_and_the_stage_that_moved_is_never_
     assert_ne!(only_new, both, "nats.conf's web user line changed: update the rotation procedure and this test");
     std::fs::write(&conf, &only_new).unwrap();
     nats.reload();
-    let error = chain(&connect_as(&nats, "web", &old).await.expect_err("the old password is refused"));
+    let error = chain(&connect_as(&nats, "web", &old, false).await.expect_err("the old password is refused"));
     assert!(error.to_lowercase().contains("authorization"), "{error}");
     ask(&web_new, "web.next after the old user was removed").await;
     assert!(!new_dropped.has_changed().unwrap(), "the stage on the new password was disconnected by the reloads");

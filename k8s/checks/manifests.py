@@ -82,7 +82,7 @@
 
   --self-test  each check above that reads the rendered manifests (schema, env,
              grace, ports, store, store-permissions, autopilot, gateway, flows,
-             nats-cluster)
+             nats-cluster, nats-tls)
              must reject a deliberately broken copy of them (a few seconds; k8s/check
              runs it)
 

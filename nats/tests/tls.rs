@@ -166,13 +166,15 @@ async fn a_server_that_verifies_clients_admits_only_a_client_certificate_from_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_three_server_cluster_over_tls_replicates_a_stream_three_times_and_refuses_a_client_without_the_ca() {
+async fn a_three_server_cluster_over_tls_replicates_a_stream_refuses_a_client_without_the_ca_and_serves_a_renewed_certificate_after_a_reload()
+ {
     let dir = TempDir::new().unwrap();
     let ca = new_ca("mnistflow test CA");
     let ca_file = write_ca(dir.path(), "ca", &ca);
     // The addresses dialled (clients) and routed to (servers): 127.0.0.1-3.
     let hosts = mnistflow_integration::CLUSTER_HOSTS;
     let (server_cert, server_key) = leaf(dir.path(), "server", &ca, &hosts, false);
+    let server_files = (server_cert.clone(), server_key.clone());
     let (routes_cert, routes_key) = leaf_for(
         dir.path(),
         "routes",
@@ -217,4 +219,24 @@ async fn a_three_server_cluster_over_tls_replicates_a_stream_three_times_and_ref
     // Without the CA (the system's roots do not know it), and in clear text: refused.
     let error = refused(connect_to(&url, &[], &[]).await, "a client without NATS_TLS_CA");
     assert!(error.to_lowercase().contains("certificate") || error.contains("tls"), "{error}");
+
+    // A renewal: the client port's certificate rewritten in place (as the kubelet
+    // updates a mounted Secret), here by another CA so the change shows, then each
+    // server reloaded. New connections get the new certificate; the stage connected
+    // before keeps working.
+    let renewed_ca = new_ca("mnistflow renewed CA");
+    let renewed_ca_file = write_ca(dir.path(), "renewed-ca", &renewed_ca);
+    let (cert, key) = leaf(dir.path(), "renewed", &renewed_ca, &hosts, false);
+    std::fs::copy(&cert, &server_files.0).unwrap();
+    std::fs::copy(&key, &server_files.1).unwrap();
+    for i in 0..hosts.len() {
+        cluster.reload(i);
+    }
+    refused(connect_to(&url, &[], &[("NATS_TLS_CA", &ca_file)]).await, "the old CA after the renewal and reload");
+    let renewed = connect_to(&url, &[("NATS_STREAM_REPLICAS", "3")], &[("NATS_TLS_CA", &renewed_ca_file)])
+        .await
+        .expect("the renewed certificate is served after the reload");
+    renewed.ensure_streams().await.unwrap();
+    let published = bus.publish(&DatasetDownload::default()).await.expect("the stage connected before the reload");
+    assert_eq!(published.sequence, 2);
 }
