@@ -26,7 +26,7 @@ mod nats_server;
 mod otlp;
 
 pub use mirror::{Fault, MirrorServer};
-pub use nats_cluster::NatsCluster;
+pub use nats_cluster::{ClusterTls, HOSTS as CLUSTER_HOSTS, NatsCluster};
 pub use nats_server::NatsServer;
 pub use otlp::{CollectedSpan, OtlpCollector};
 

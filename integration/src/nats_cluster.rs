@@ -3,10 +3,12 @@
 //! monitoring and route ports (as pods behind one headless Service are), routed
 //! to the others, each with its own JetStream store directory. A server can be
 //! killed (SIGKILL) and restarted on its data; the monitoring endpoints tell which
-//! server leads a stream and whether every replica is current.
+//! server leads a stream and whether every replica is current. With
+//! [`NatsCluster::start_with_tls`] client connections and routes are over TLS, as
+//! k8s/components/nats-tls configures them.
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,18 @@ struct Node {
     child: Option<Child>,
 }
 
+/// The certificates of a cluster over TLS (PEM files), as the k8s component
+/// mounts them: one for the client port, one that the servers present to each
+/// other on the routes and verify against `routes_ca` (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub routes_cert: PathBuf,
+    pub routes_key: PathBuf,
+    pub routes_ca: PathBuf,
+}
+
 /// Three clustered JetStream servers; every one killed on drop.
 pub struct NatsCluster {
     nodes: Vec<Node>,
@@ -32,6 +46,7 @@ pub struct NatsCluster {
     client_port: u16,
     monitor_port: u16,
     route_port: u16,
+    tls: Option<ClusterTls>,
 }
 
 impl std::fmt::Debug for NatsCluster {
@@ -50,6 +65,21 @@ impl NatsCluster {
     /// # Panics
     /// A server cannot start, or the cluster does not form within 30 s.
     pub fn start() -> Self {
+        Self::start_inner(None)
+    }
+
+    /// As [`NatsCluster::start`], with TLS required on the client port and on
+    /// the routes (`verify: true`: each server checks its peer's certificate,
+    /// by the route's address), the blocks of k8s/components/nats-tls. The
+    /// monitoring port stays plain HTTP, as there.
+    ///
+    /// # Panics
+    /// As [`NatsCluster::start`]; a route refused over TLS keeps the cluster from forming.
+    pub fn start_with_tls(tls: ClusterTls) -> Self {
+        Self::start_inner(Some(tls))
+    }
+
+    fn start_inner(tls: Option<ClusterTls>) -> Self {
         let dir = tempfile::Builder::new().prefix("mnistflow-nats-cluster-").tempdir().expect("temp dir");
         let mut used = Vec::new();
         let (client_port, monitor_port, route_port) =
@@ -59,7 +89,7 @@ impl NatsCluster {
             .enumerate()
             .map(|(i, host)| Node { host: (*host).to_owned(), name: format!("n{}", i + 1), child: None })
             .collect();
-        let mut cluster = Self { nodes, dir, client_port, monitor_port, route_port };
+        let mut cluster = Self { nodes, dir, client_port, monitor_port, route_port, tls };
         for i in 0..HOSTS.len() {
             cluster.spawn(i);
         }
@@ -72,10 +102,20 @@ impl NatsCluster {
         let routes =
             HOSTS.iter().map(|h| format!("nats-route://{h}:{}", self.route_port)).collect::<Vec<_>>().join(", ");
         let store = self.dir.path().join(&node.name);
+        let (client_tls, route_tls) = match &self.tls {
+            None => (String::new(), String::new()),
+            Some(t) => (
+                format!("tls {{ cert_file: {:?}, key_file: {:?} }}\n", t.server_cert, t.server_key),
+                format!(
+                    ", tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}, no_advertise: true",
+                    t.routes_cert, t.routes_key, t.routes_ca
+                ),
+            ),
+        };
         format!(
-            "server_name: {name}\nlisten: {host}:{client}\nhttp: {host}:{monitor}\n\
+            "server_name: {name}\nlisten: {host}:{client}\nhttp: {host}:{monitor}\n{client_tls}\
              jetstream {{ store_dir: \"{store}\" }}\n\
-             cluster {{ name: {CLUSTER_NAME}, listen: {host}:{route}, routes: [{routes}] }}\n",
+             cluster {{ name: {CLUSTER_NAME}, listen: {host}:{route}, routes: [{routes}]{route_tls} }}\n",
             name = node.name,
             host = node.host,
             client = self.client_port,
@@ -172,6 +212,16 @@ impl NatsCluster {
         self.spawn(i);
     }
 
+    /// Makes server `i` read its configuration again (`nats-server --signal
+    /// reload`): certificate files rewritten in place (a renewal) take effect.
+    ///
+    /// # Panics
+    /// The server does not run, or does not report a reload within 10 s.
+    pub fn reload(&self, i: usize) {
+        let pid = self.nodes[i].child.as_ref().map(Child::id).expect("the server runs");
+        crate::nats_server::reload(&pid.to_string(), &self.monitoring_url(i));
+    }
+
     /// The stream's `/jsz` detail as a running server other than `skip` reports it.
     fn stream_detail(&self, account: &str, stream: &str, from: usize) -> Result<serde_json::Value, String> {
         let jsz = get_json(
@@ -254,6 +304,32 @@ impl NatsCluster {
             .as_array()
             .map(|c| c.iter().filter_map(|c| c["name"].as_str().map(str::to_owned)).collect())
             .unwrap_or_default())
+    }
+
+    /// What server `i`'s route port says to a peer that speaks clear text: its
+    /// `INFO` line (a plain route port), or `None` when it closes the connection
+    /// without one (a TLS route port expects a TLS handshake first, and clear
+    /// text fails it).
+    ///
+    /// # Errors
+    /// No connection, or neither an `INFO` line nor a close within 5 s.
+    pub fn route_port_greeting(&self, i: usize) -> Result<Option<serde_json::Value>, String> {
+        use std::io::{BufRead, BufReader, Write};
+        let addr = format!("{}:{}", self.nodes[i].host, self.route_port);
+        let mut stream = std::net::TcpStream::connect(&addr).map_err(|e| format!("{addr}: {e}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        // Clear text where a TLS server expects its ClientHello: the handshake fails at once.
+        stream.write_all(b"PING\r\n").map_err(|e| format!("{addr}: {e}"))?;
+        let mut line = String::new();
+        match BufReader::new(stream).read_line(&mut line) {
+            Ok(0) => Ok(None),
+            Ok(_) => {
+                let json = line.strip_prefix("INFO ").ok_or(format!("{addr}: not an INFO line: {line:?}"))?;
+                serde_json::from_str(json.trim()).map(Some).map_err(|e| format!("{addr}: {e}: {line:?}"))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+            Err(e) => Err(format!("{addr}: neither INFO nor a close within 5 s: {e}")),
+        }
     }
 
     /// The server's data directory root (one subdirectory per server, logs beside).

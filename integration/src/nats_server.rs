@@ -135,6 +135,18 @@ impl NatsServer {
         self.dir.path()
     }
 
+    /// Makes a server started with [`NatsServer::start_with_config`] read its
+    /// configuration file again, as an operator does: `nats-server --signal
+    /// reload=<pid file>` (SIGHUP), then waits until `/varz` reports the new
+    /// load time. The environment is the one it started with.
+    ///
+    /// # Panics
+    /// The signal cannot be sent, or the server does not report a reload within
+    /// 10 s (an invalid file: the server keeps its old configuration).
+    pub fn reload(&self) {
+        reload(&self.dir.path().join("nats.pid").display().to_string(), &self.monitoring_url());
+    }
+
     /// Kills the server (SIGKILL) and waits for it to exit; the data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -152,6 +164,34 @@ impl NatsServer {
         let port = self.port;
         self.spawn(Some(port));
         assert_eq!(self.port, port, "nats-server came back on another port");
+    }
+}
+
+/// `nats-server --signal reload=<pid or pid file>` (SIGHUP), then waits until the
+/// server's `/varz` at `monitoring_url` reports a new configuration load time.
+///
+/// # Panics
+/// The signal cannot be sent, or no reload is reported within 10 s (an invalid
+/// file: the server keeps its old configuration).
+pub(crate) fn reload(pid: &str, monitoring_url: &str) {
+    let loaded = || {
+        crate::keda::get_json(monitoring_url, "/varz")
+            .map(|v| v["config_load_time"].as_str().unwrap_or_default().to_owned())
+    };
+    let before = loaded().expect("the server's /varz");
+    let status = Command::new(nats_server_bin())
+        .arg("--signal")
+        .arg(format!("reload={pid}"))
+        .status()
+        .expect("run nats-server --signal reload");
+    assert!(status.success(), "nats-server --signal reload={pid}: {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while loaded().as_ref().ok() == Some(&before) {
+        assert!(
+            Instant::now() < deadline,
+            "nats-server ({monitoring_url}) did not reload its configuration within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,5 +1,5 @@
 //! Least privilege on NATS: a real nats-server started with the deployment's own
-//! configuration (`k8s/base/nats.conf` as the ConfigMap carries it, with the local
+//! configuration (`k8s/base/nats.conf` as the ConfigMap carries it, its empty `tls.conf`, with the local
 //! overlay's `nats-single.conf` and `nats-jetstream.conf` as its includes, and the
 //! passwords of `k8s/base/secret.yaml`), and each stage's NATS calls made through
 //! the `nats` crate with that stage's own identity: set-up by the promoter and the
@@ -7,7 +7,9 @@
 //! answering `mnist.predict` in its queue group and announcing loads, the web tier
 //! asking predictions and replaying the events stream. Then the refusals: the web
 //! identity may not publish a command nor answer `mnist.predict`, inference may not
-//! queue training.
+//! queue training. And a password rotation by reload: a second user of the web
+//! identity with the new password beside the old, the stage moving to it, the
+//! old one removed and refused, the moved stage never dropped.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -42,6 +44,7 @@ fn secret() -> HashMap<String, String> {
 fn server(dir: &Path) -> NatsServer {
     let k8s = workspace_root().join("k8s");
     std::fs::copy(k8s.join("base/nats.conf"), dir.join("nats.conf")).unwrap();
+    std::fs::copy(k8s.join("base/tls.conf"), dir.join("tls.conf")).unwrap();
     std::fs::copy(k8s.join("overlays/local/nats-single.conf"), dir.join("cluster.conf")).unwrap();
     // The overlay's JetStream limits, on a directory of the test's (not the pod's /data).
     let jetstream = std::fs::read_to_string(k8s.join("overlays/local/nats-jetstream.conf")).unwrap();
@@ -56,11 +59,21 @@ fn server(dir: &Path) -> NatsServer {
 /// A bus connected as `user` with the password the Secret gives that stage.
 async fn connect(nats: &NatsServer, user: &str, setup: bool) -> Bus {
     let password = secret()[&format!("NATS_{}_PASSWORD", user.to_ascii_uppercase())].clone();
+    connect_as(nats, user, &password, setup).await.unwrap_or_else(|e| panic!("{user} connects: {e}"))
+}
+
+/// A bus connected as `user` with `password` (refused credentials fail at once).
+async fn connect_as(
+    nats: &NatsServer,
+    user: &str,
+    password: &str,
+    setup: bool,
+) -> Result<Bus, mnistflow_nats::BusError> {
     let url = nats.url();
     let config = NatsConfig::from_lookup(|k| match k {
         "NATS_URL" => Some(url.clone()),
         "NATS_USER" => Some(user.to_owned()),
-        "NATS_PASSWORD" => Some(password.clone()),
+        "NATS_PASSWORD" => Some(password.to_owned()),
         "NATS_SETUP" => Some(setup.to_string()),
         "NATS_CONNECT_TIMEOUT_SECS" => Some("20".into()),
         "NATS_PUBLISH_RETRY_SECS" => Some("10".into()),
@@ -68,7 +81,21 @@ async fn connect(nats: &NatsServer, user: &str, setup: bool) -> Bus {
     })
     .unwrap()
     .with_client_name(format!("test-{user}"));
-    Bus::connect(&config, &CancellationToken::new()).await.unwrap_or_else(|e| panic!("{user} connects: {e}"))
+    Bus::connect(&config, &CancellationToken::new()).await
+}
+
+/// Inference's side of `mnist.predict`: answers every request in its queue group with "7".
+async fn answer_predictions(inference: &Bus, predict: &str) -> tokio::task::JoinHandle<()> {
+    let mut responder =
+        inference.client().queue_subscribe(predict.to_owned(), subjects::PREDICT_QUEUE_GROUP.to_owned()).await.unwrap();
+    let client = inference.client().clone();
+    tokio::spawn(async move {
+        while let Some(m) = responder.next().await {
+            if let Some(reply) = m.reply {
+                client.publish(reply, "7".into()).await.unwrap();
+            }
+        }
+    })
 }
 
 /// Takes one delivery of a work queue, acks it, returns its payload.
@@ -209,18 +236,7 @@ async fn each_stage_works_with_its_own_nats_identity_and_no_more() {
 
     // Predictions: inference answers in its queue group, web asks.
     let predict = subjects.full(subjects::PREDICT);
-    let mut responder =
-        inference.client().queue_subscribe(predict.clone(), subjects::PREDICT_QUEUE_GROUP.to_owned()).await.unwrap();
-    let answering = tokio::spawn({
-        let client = inference.client().clone();
-        async move {
-            while let Some(m) = responder.next().await {
-                if let Some(reply) = m.reply {
-                    client.publish(reply, "7".into()).await.unwrap();
-                }
-            }
-        }
-    });
+    let answering = answer_predictions(&inference, &predict).await;
     // A round trip on the same connection: the server has the subscription after it.
     inference.ensure_streams().await.unwrap();
     let answer = tokio::time::timeout(WAIT, web.client().request(predict.clone(), "png".into()))
@@ -265,6 +281,74 @@ async fn each_stage_works_with_its_own_nats_identity_and_no_more() {
     // And the predictions still go to inference only.
     let answer = web.client().request(predict, "png".into()).await.unwrap();
     assert_eq!(&answer.payload[..], b"7");
+    answering.abort();
+}
+
+/// The rotation of README's "Operating it" (Rotation), on a single server where
+/// `nats-server --signal reload` re-reads the file (in the cluster the same two
+/// configurations reach the servers by a rolling restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_password_is_rotated_by_reload_and_the_stage_that_moved_is_never_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    let nats = server(dir.path());
+    let deployed = std::fs::read_to_string(&conf).unwrap();
+    let old = secret()["NATS_WEB_PASSWORD"].clone();
+    let new = "rotated-web-password-0123456789";
+    let predict = mnistflow_nats::Subjects::default().full(subjects::PREDICT);
+
+    // Inference answers predictions; the web stage asks them with the old password.
+    let inference = connect(&nats, "inference", false).await;
+    let answering = answer_predictions(&inference, &predict).await;
+    inference.client().flush().await.unwrap();
+    let ask = |bus: &Bus, what: &'static str| {
+        let (client, predict) = (bus.client().clone(), predict.clone());
+        async move {
+            let answer = tokio::time::timeout(WAIT, client.request(predict, "png".into()))
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no answer within {WAIT:?}"))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(&answer.payload[..], b"7", "{what}");
+        }
+    };
+    let web_old = connect_as(&nats, "web", &old, false).await.expect("web with the old password");
+    let mut old_dropped = web_old.disconnections();
+    ask(&web_old, "web with the old password").await;
+
+    // 1. Both accepted: a second user of the web identity with the new password, as
+    //    nats.conf's comment shows it (the password written into the file here).
+    let line = format!("{{user: web.next, password: \"{new}\", permissions: $WEB_PERMISSIONS}}");
+    let both = deployed.replacen("  users: [\n", &format!("  users: [\n    {line}\n"), 1);
+    assert_ne!(both, deployed, "nats.conf has no `users: [` line to add the rotation's user to");
+    std::fs::write(&conf, &both).unwrap();
+    nats.reload();
+    let web_new = connect_as(&nats, "web.next", new, false).await.expect("web.next with the new password");
+    let new_dropped = web_new.disconnections();
+    ask(&web_new, "web.next with the new password (its replies on the identity's inbox)").await;
+    ask(&web_old, "web with the old password, after the first reload").await;
+    // The second user has the identity's permissions, not more.
+    web_new
+        .client()
+        .publish(mnistflow_nats::Subjects::default().full(subjects::MODEL_PROMOTE), "{}".into())
+        .await
+        .unwrap();
+    refused(&web_new, &mnistflow_nats::Subjects::default().full(subjects::MODEL_PROMOTE)).await;
+
+    // 2. The old user removed.
+    let only_new =
+        both.replacen("    {user: web, password: $NATS_WEB_PASSWORD, permissions: $WEB_PERMISSIONS}\n", "", 1);
+    assert_ne!(only_new, both, "nats.conf's web user line changed: update the rotation procedure and this test");
+    std::fs::write(&conf, &only_new).unwrap();
+    nats.reload();
+    let error = chain(&connect_as(&nats, "web", &old, false).await.expect_err("the old password is refused"));
+    assert!(error.to_lowercase().contains("authorization"), "{error}");
+    ask(&web_new, "web.next after the old user was removed").await;
+    assert!(!new_dropped.has_changed().unwrap(), "the stage on the new password was disconnected by the reloads");
+    // The connection on the old password was closed by the second reload.
+    tokio::time::timeout(WAIT, old_dropped.changed())
+        .await
+        .expect("the connection on the removed user is dropped within the wait")
+        .unwrap();
     answering.abort();
 }
 

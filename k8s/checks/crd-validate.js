@@ -1,13 +1,14 @@
 // Validates custom resources against their CRD schemas as published in the
 // @kubernetes-models npm packages (generated from the projects' own CRDs):
 // KEDA (keda.sh), the Prometheus Operator (monitoring.coreos.com), the Gateway
-// API (gateway.networking.k8s.io) and GKE's policies (networking.gke.io).
+// API (gateway.networking.k8s.io), GKE's policies (networking.gke.io) and
+// cert-manager (cert-manager.io: Issuers and Certificates).
 // Input: a JSON file holding [{source, object}]. Exit 1 when any object fails,
 // or has no schema here.
 //
 //   node crd-validate.js FILE               validate every object in FILE
-//   node crd-validate.js --self-test FILE   break copies of FILE's Gateway API and
-//                                           GKE objects on purpose: each broken copy
+//   node crd-validate.js --self-test FILE   break copies of FILE's Gateway API, GKE
+//                                           and cert-manager objects on purpose: each broken copy
 //                                           must be rejected, an unknown kind reported
 //
 // The schemas are OpenAPI only: the CEL rules of the Gateway API CRDs
@@ -22,12 +23,13 @@ const { pathToFileURL } = require("url");
 const modules = (process.env.NODE_PATH || "").split(path.delimiter)[0];
 const esm = (file) => import(pathToFileURL(path.join(modules, file)).href);
 
-// The Prometheus Operator and Gateway API packages are ES modules only, imported by file.
+// The Prometheus Operator, Gateway API and cert-manager packages are ES modules only, imported by file.
 const groups = {
   "keda.sh/v1alpha1": async () => require("@kubernetes-models/keda/keda.sh/v1alpha1"),
   "monitoring.coreos.com/v1": () => esm("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/index.js"),
   "gateway.networking.k8s.io/v1": () => esm("@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1/index.js"),
   "networking.gke.io/v1": async () => require("@kubernetes-models/gke/networking.gke.io/v1"),
+  "cert-manager.io/v1": () => esm("@kubernetes-models/cert-manager/cert-manager.io/v1/index.js"),
 };
 
 // {valid, message}; valid is null when there is no schema for the object's kind.
@@ -67,6 +69,9 @@ const breakages = [
   ["HTTPRoute", "whose parentRef has no name", (o) => { delete o.spec.parentRefs[0].name; }],
   ["HealthCheckPolicy", "with health check type HTTPX", (o) => { o.spec.default.config.type = "HTTPX"; }],
   ["GCPBackendPolicy", "without targetRef", (o) => { delete o.spec.targetRef; }],
+  ["Certificate", "without secretName", (o) => { delete o.spec.secretName; }],
+  ["Certificate", "with a DSA private key", (o) => { o.spec.privateKey.algorithm = "DSA"; }],
+  ["Issuer", "whose CA names no Secret", (o) => { o.spec = { ca: {} }; }],
 ];
 
 async function selfTest(items) {

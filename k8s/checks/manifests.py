@@ -36,6 +36,15 @@
              credentials and serves monitoring; the preStop command puts a server in
              lame duck mode (its client is told); the local overlay's single server
              starts healthy
+  nats-tls   where an overlay turns TLS on (components/nats-tls): the certificate
+             files nats.conf names are keys of the Secrets mounted there; every
+             stage mounts ca.crt where NATS_TLS_CA points; the cert-manager
+             Certificates name every host of NATS_URL (server) and every route
+             (routes, for server and client use); the monitoring port stays plain
+             HTTP for KEDA (useHttps false) and Prometheus. Then three real servers
+             run the overlay's nats-config with certificates made here for those
+             names: the cluster forms over TLS routes, a client verifying the CA
+             gets PONG, a clear-text client does not
   ports      every containerPort and probe port matches the port the ConfigMap
              tells the service to listen on; image tags match the workspace version
   store      every stage that reads STORE_URL gets the store: a path is a mounted
@@ -73,7 +82,7 @@
 
   --self-test  each check above that reads the rendered manifests (schema, env,
              grace, ports, store, store-permissions, autopilot, gateway, flows,
-             nats-cluster)
+             nats-cluster, nats-tls)
              must reject a deliberately broken copy of them (a few seconds; k8s/check
              runs it)
 
@@ -159,11 +168,11 @@ def config_map(docs: list[dict], name: str) -> dict | None:
                  and re.fullmatch(re.escape(name) + r"(-[a-z0-9]{10})?", d["metadata"]["name"])), None)
 
 
-CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "gateway.networking.k8s.io/", "networking.gke.io/")
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "gateway.networking.k8s.io/", "networking.gke.io/", "cert-manager.io/")
 
 
 def is_custom(doc: dict) -> bool:
-    """A custom resource with a schema from npm (KEDA, Prometheus Operator, Gateway API, GKE)."""
+    """A custom resource with a schema from npm (KEDA, Prometheus Operator, Gateway API, GKE, cert-manager)."""
     return doc.get("apiVersion", "").startswith(CRD_GROUPS)
 
 
@@ -404,8 +413,11 @@ class NatsUnderTest:
     ports, each with its own store directory; the routes' pod names
     (nats-N.nats-headless) resolve to 127.0.0.(N+1), as /etc/hosts would."""
 
-    def __init__(self, rendered: dict[str, list[dict]], tmp: Path, overlay: str = "base"):
+    def __init__(self, rendered: dict[str, list[dict]], tmp: Path, overlay: str = "base",
+                 tls_dirs: dict[str, Path] | None = None):
         docs = rendered[overlay]
+        # Mounted certificate folders (/etc/nats-tls/server, ...) -> folders made here.
+        self.tls_dirs = tls_dirs or {}
         self.files = config_map(docs, "nats-config")["data"]
         self.secret = next(d for d in rendered["base"] if d["kind"] == "Secret")["stringData"]
         sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats")
@@ -421,6 +433,8 @@ class NatsUnderTest:
             folder.mkdir()
             for name, text in self.files.items():
                 text = text.replace("/data/jetstream", f"{folder}/jetstream").replace("/var/run/nats", str(folder))
+                for mounted, here in self.tls_dirs.items():
+                    text = text.replace(mounted + "/", f"{here}/")
                 text = re.sub(r"nats-(\d+)\.%s:6222" % re.escape(self.service),
                               lambda m: f"{HOSTS[int(m.group(1)) % len(HOSTS)]}:{self.route}", text)
                 (folder / name).write_text(text)
@@ -485,9 +499,16 @@ class NatsUnderTest:
             except subprocess.TimeoutExpired:
                 child.kill()
 
-    def connect(self, user: str, password: str, i: int = 0, after_ping: bytes = b"") -> bytes:
-        with socket.create_connection((HOSTS[i], self.client), timeout=5) as s:
-            s.recv(4096)  # INFO
+    def connect(self, user: str, password: str, i: int = 0, after_ping: bytes = b"", ca: Path | None = None) -> bytes:
+        """CONNECT and PING as `user`; the server's answer. With `ca`, the
+        connection is upgraded to TLS after INFO, verifying the server's
+        certificate against `ca` for the address dialled (as a stage does)."""
+        with socket.create_connection((HOSTS[i], self.client), timeout=5) as raw:
+            raw.recv(4096)  # INFO
+            s = raw
+            if ca is not None:
+                import ssl
+                s = ssl.create_default_context(cafile=str(ca)).wrap_socket(raw, server_hostname=HOSTS[i])
             s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"user":%s,"pass":%s}\r\nPING\r\n'
                       % (json.dumps(user).encode(), json.dumps(password).encode()))
             answer = b""
@@ -654,6 +675,167 @@ def lame_duck(nats_server: NatsUnderTest) -> None:
         ok(f"preStop's nats-server --signal ldm=<pid_file>: nats-{i} entered lame duck mode and told its clients")
     else:
         fail(f"preStop's lame duck signal: exit {proc.returncode} {proc.stderr.strip()[:200]}; client saw {answer[-200:]!r}")
+
+
+TLS_KEYS = {"cert_file": "tls.crt", "key_file": "tls.key", "ca_file": "ca.crt"}
+
+
+def tls_files(text: str) -> dict[str, str]:
+    """cert_file/key_file/ca_file of the tls block in one nats-config file."""
+    return dict(re.findall(r"\b(cert_file|key_file|ca_file):\s*\"?([^\s\"]+)", text))
+
+
+def make_certificates(folder: Path, names: dict[str, tuple[list[str], bool]]) -> Path:
+    """A CA and, for each Secret name, tls.crt/tls.key/ca.crt in folder/<secret>
+    for its DNS names plus 127.0.0.1-3 (the servers run there); `True`: also for
+    client use (routes). Returns the CA's file."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "k8s/check NATS CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    for secret, (dns, client) in names.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans = [x509.DNSName(n) for n in dns] + [x509.IPAddress(ipaddress.ip_address(h)) for h in HOSTS]
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, secret)])).issuer_name(ca_name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (folder / secret).mkdir(parents=True)
+        (folder / secret / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / secret / "tls.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (folder / secret / "ca.crt").write_bytes(ca_pem)
+    (folder / "ca.crt").write_bytes(ca_pem)
+    return folder / "ca.crt"
+
+
+def tls_problems(docs: list[dict]) -> tuple[list[str], dict[str, tuple[str, list[str], bool]]]:
+    """What is wrong with an overlay's TLS to NATS, and, per mounted folder of the
+    server, the Secret mounted there with the names its certificate must carry
+    (and whether for client use too)."""
+    problems: list[str] = []
+    files = (config_map(docs, "nats-config") or {}).get("data", {})
+    config = (config_map(docs, "mnistflow-config") or {}).get("data", {})
+    client_tls, route_tls = tls_files(files.get("tls.conf", "")), tls_files(files.get("cluster-tls.conf", ""))
+    sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats")
+    pod = sts["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "nats")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: volumes.get(m["name"], {}) for m in c.get("volumeMounts", [])}
+    urls = [u.strip() for u in config.get("NATS_URL", "").split(",") if u.strip()]
+    url_hosts = sorted({re.sub(r"^\w+://", "", u).rsplit(":", 1)[0] for u in urls})
+    route_hosts = sorted({h for h, _ in re.findall(r"nats-route://([\w.-]+):(\d+)", "\n".join(files.values()))})
+    certificates = {d["spec"]["secretName"]: d for d in docs if d["kind"] == "Certificate"}
+    wanted: dict[str, tuple[str, list[str], bool]] = {}
+    for what, found, hosts, client in (("client port", client_tls, url_hosts, False),
+                                       ("routes", route_tls, route_hosts, True)):
+        if what == "routes" and not route_hosts:
+            continue  # one server: no routes
+        if "cert_file" not in found or "key_file" not in found:
+            problems.append(f"{what}: no cert_file/key_file in the nats-config")
+            continue
+        folders = {os.path.dirname(p) for p in found.values()}
+        if len(folders) != 1:
+            problems.append(f"{what}: the certificate files are not in one folder: {found}")
+            continue
+        folder = folders.pop()
+        secret = (mounts.get(folder) or {}).get("secret", {}).get("secretName")
+        if not secret:
+            problems.append(f"{what}: no Secret is mounted at {folder} in the nats container")
+            continue
+        for key, path in found.items():
+            if os.path.basename(path) != TLS_KEYS[key]:
+                problems.append(f"{what}: {key} {path} is not the Secret's {TLS_KEYS[key]}")
+        if what == "routes" and (found.get("ca_file") is None or not re.search(r"\bverify:\s*true", files["cluster-tls.conf"])):
+            problems.append("routes: the servers do not verify each other's certificate (ca_file, verify: true)")
+        cert = certificates.get(secret)
+        if cert is not None:
+            missing = [h for h in hosts if h not in cert["spec"].get("dnsNames", [])]
+            if missing:
+                problems.append(f"{what}: Certificate/{cert['metadata']['name']} lacks the names dialled: {missing}")
+            usages = set(cert["spec"].get("usages", []))
+            if "server auth" not in usages or (client and "client auth" not in usages):
+                problems.append(f"{what}: Certificate/{cert['metadata']['name']} usages {sorted(usages)}")
+        wanted[folder] = (secret, hosts, client)
+    if not re.search(r"^\s*http_port:\s*8222", files.get("nats.conf", ""), re.M):
+        problems.append("the monitoring port 8222 is gone or moved (probes, KEDA and Prometheus read it)")
+    for job in (d for d in docs if d["kind"] == "ScaledJob"):
+        for trigger in job["spec"]["triggers"]:
+            if trigger["type"] == "nats-jetstream" and trigger["metadata"].get("useHttps") != "false":
+                problems.append("KEDA's trigger asks HTTPS of the plain monitoring port")
+    ca = config.get("NATS_TLS_CA")
+    server_secret = wanted.get(os.path.dirname(client_tls.get("cert_file", "")), ("",))[0]
+    if not ca:
+        problems.append("NATS_TLS_CA is not set: the stages would not verify the server")
+    for d, spec in pod_specs(docs):
+        for sc in spec["containers"]:
+            if sc["name"] == "nats" or not any(e.get("configMapRef", {}).get("name", "").startswith("mnistflow-config")
+                                               for e in sc.get("envFrom", [])):
+                continue
+            vols = {v["name"]: v for v in spec.get("volumes", [])}
+            mount = next((m for m in sc.get("volumeMounts", []) if ca and m["mountPath"] == os.path.dirname(ca)), None)
+            secret = (vols.get(mount["name"], {}) if mount else {}).get("secret", {})
+            items = {i["path"]: i["key"] for i in secret.get("items", [])}
+            if not mount or secret.get("secretName") != server_secret or items.get(os.path.basename(ca or "")) != "ca.crt":
+                problems.append(f"{d['kind']}/{d['metadata']['name']}: NATS_TLS_CA {ca} is not ca.crt of {server_secret} mounted there")
+    return problems, wanted
+
+
+def nats_tls(rendered: dict[str, list[dict]], tmp: Path) -> None:
+    print("nats-tls", flush=True)
+    for name, docs in rendered.items():
+        files = (config_map(docs, "nats-config") or {}).get("data", {})
+        if "cert_file" not in files.get("tls.conf", ""):
+            continue
+        problems, wanted = tls_problems(docs)
+        for p in problems:
+            fail(f"{name}: TLS to NATS: {p}")
+        if problems:
+            continue
+        issued = {d["spec"]["secretName"] for d in docs if d["kind"] == "Certificate"}
+        ok(f"{name}: TLS on the client port and the routes; every stage verifies the server (NATS_TLS_CA); "
+           f"Secrets {', '.join(s for s, _, _ in wanted.values())} "
+           + ("issued by cert-manager for every name dialled" if issued else "provided by you (names not checkable)")
+           + "; monitoring stays plain HTTP for KEDA and Prometheus")
+        if NATS_BIN.exists() and name == "gke-tls":
+            folder = tmp / f"tls-{name}"
+            ca = make_certificates(folder / "certs", {s: (h, c) for s, h, c in wanted.values()})
+            servers = NatsUnderTest(rendered, folder, name, {m: folder / "certs" / s for m, (s, _, _) in wanted.items()})
+            try:
+                error = servers.test_config()
+                health = None if error else servers.start()
+                if error or not health or health.get("status") != "ok":
+                    fail(f"{name}: the servers with TLS did not become healthy: {error or servers.log(0)}")
+                    continue
+                admin = servers.secret["NATS_ADMIN_PASSWORD"]
+                tls_answer = servers.connect("admin", admin, ca=ca)
+                plain = servers.connect("admin", admin)
+                routes = [len((servers.get(i, "/routez") or {}).get("routes", [])) for i in range(servers.replicas)]
+                if b"PONG" in tls_answer and b"PONG" not in plain and all(routes):
+                    ok(f"{name}: three servers with its nats-config and certificates made here form one JetStream "
+                       f"cluster over TLS routes (routes per server {routes}); a client verifying the CA gets PONG, "
+                       f"a clear-text one gets none ({plain.strip()[:60]!r})")
+                else:
+                    fail(f"{name}: TLS client {tls_answer[:80]!r}, clear-text client {plain[:80]!r}, routes {routes}")
+            finally:
+                servers.stop()
 
 
 def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
@@ -1432,6 +1614,9 @@ SELF_TESTS = {
     "flows": (break_flows, lambda r: flows(r)),
     "nats-cluster": (lambda r: find(r["gke"], "StatefulSet", "nats")["spec"].update(replicas=2),
                      lambda r: nats_cluster_shape(r)),
+    "nats-tls": (lambda r: [d for d in r["gke-tls"] if d["kind"] == "Certificate"
+                            and d["metadata"]["name"] == "nats-routes"][0]["spec"]["dnsNames"].pop(0),
+                 lambda r: [fail(f"gke-tls: {p}") for p in tls_problems(r["gke-tls"])[0]]),
 }
 
 
@@ -1500,6 +1685,7 @@ def main() -> int:
             fail("nats-server missing: run scripts/setup")
         else:
             with tempfile.TemporaryDirectory(prefix="mnistflow-k8s-run-") as tmp:
+                nats_tls(rendered, Path(tmp))
                 nats_server = NatsUnderTest(rendered, Path(tmp))
                 try:
                     if nats(nats_server):

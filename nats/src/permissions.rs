@@ -22,11 +22,14 @@ use tracing::error;
 /// be refused on every message).
 const REMEMBERED: usize = 32;
 
-/// The inbox prefix of identity `user`: `_INBOX_<user>` when the name is one
-/// subject token, else the client's default `_INBOX` (no user: no permissions
-/// to fit).
+/// The inbox prefix of NATS user `user`: `_INBOX_<identity>`, the identity being
+/// the name up to its first `.` when that is one subject token, else the
+/// client's default `_INBOX` (no user: no permissions to fit). A second user of
+/// one identity during a password rotation (`web.next` beside `web`,
+/// k8s/base/nats.conf) thus reads its replies where the identity may.
 pub fn inbox_prefix(user: Option<&str>) -> String {
-    match user {
+    let identity = user.map(|u| u.split('.').next().unwrap_or_default());
+    match identity {
         Some(u) if !u.is_empty() && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
             format!("_INBOX_{u}")
         }
@@ -122,7 +125,10 @@ mod tests {
     #[test]
     fn inbox_prefix_is_per_user_when_the_name_is_a_token() {
         assert_eq!(inbox_prefix(Some("web")), "_INBOX_web");
-        assert_eq!(inbox_prefix(Some("a.b")), "_INBOX");
+        // A rotation's second user of identity `a` shares its inbox.
+        assert_eq!(inbox_prefix(Some("a.b")), "_INBOX_a");
+        assert_eq!(inbox_prefix(Some(".b")), "_INBOX");
+        assert_eq!(inbox_prefix(Some("a b.c")), "_INBOX");
         assert_eq!(inbox_prefix(None), "_INBOX");
     }
 

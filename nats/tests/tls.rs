@@ -1,12 +1,16 @@
 //! NATS over TLS (issue 21, item 5, the client side): a real nats-server with
 //! certificates made here, and the bus every stage connects through. The
 //! server's certificate must chain to `NATS_TLS_CA` and name the address dialled;
-//! a server that verifies clients gets `NATS_TLS_CERT`/`NATS_TLS_KEY`.
+//! a server that verifies clients gets `NATS_TLS_CERT`/`NATS_TLS_KEY`. The
+//! cluster test runs three servers with TLS on client connections and on routes,
+//! as k8s/components/nats-tls configures them.
 
 use std::path::{Path, PathBuf};
 
-use mnistflow_integration::NatsServer;
-use mnistflow_nats::{Bus, BusError, DatasetDownload, NatsConfig};
+use std::time::{Duration, Instant};
+
+use mnistflow_integration::{ClusterTls, NatsCluster, NatsServer};
+use mnistflow_nats::{Bus, BusError, DatasetDownload, NatsConfig, streams};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -31,10 +35,22 @@ fn leaf(
     names: &[&str],
     client: bool,
 ) -> (PathBuf, PathBuf) {
+    let usage = if client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth };
+    leaf_for(dir, name, ca, names, vec![usage])
+}
+
+/// As [`leaf`], with the extended key usages given (a route certificate is
+/// presented as a server's and as a client's).
+fn leaf_for(
+    dir: &Path,
+    name: &str,
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    names: &[&str],
+    usages: Vec<ExtendedKeyUsagePurpose>,
+) -> (PathBuf, PathBuf) {
     let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
-    params.extended_key_usages =
-        vec![if client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth }];
+    params.extended_key_usages = usages;
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, ca).unwrap();
     let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
@@ -54,8 +70,13 @@ fn path(p: &Path) -> &str {
 }
 
 async fn connect(server: &NatsServer, vars: &[(&str, &Path)]) -> Result<Bus, BusError> {
+    connect_to(&server.url(), &[], vars).await
+}
+
+async fn connect_to(url: &str, settings: &[(&str, &str)], vars: &[(&str, &Path)]) -> Result<Bus, BusError> {
     let mut env: Vec<(String, String)> =
-        vec![("NATS_URL".into(), server.url()), ("NATS_CONNECT_TIMEOUT_SECS".into(), "2".into())];
+        vec![("NATS_URL".into(), url.to_owned()), ("NATS_CONNECT_TIMEOUT_SECS".into(), "2".into())];
+    env.extend(settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     env.extend(vars.iter().map(|(k, v)| ((*k).to_owned(), path(v).to_owned())));
     let config = NatsConfig::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())).unwrap();
     Bus::connect(&config, &CancellationToken::new()).await
@@ -142,4 +163,80 @@ async fn a_server_that_verifies_clients_admits_only_a_client_certificate_from_it
         .await,
         "a client certificate from another CA",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_server_cluster_over_tls_replicates_a_stream_refuses_a_client_without_the_ca_and_serves_a_renewed_certificate_after_a_reload()
+ {
+    let dir = TempDir::new().unwrap();
+    let ca = new_ca("mnistflow test CA");
+    let ca_file = write_ca(dir.path(), "ca", &ca);
+    // The addresses dialled (clients) and routed to (servers): 127.0.0.1-3.
+    let hosts = mnistflow_integration::CLUSTER_HOSTS;
+    let (server_cert, server_key) = leaf(dir.path(), "server", &ca, &hosts, false);
+    let server_files = (server_cert.clone(), server_key.clone());
+    let (routes_cert, routes_key) = leaf_for(
+        dir.path(),
+        "routes",
+        &ca,
+        &hosts,
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+    );
+    let cluster = NatsCluster::start_with_tls(ClusterTls {
+        server_cert,
+        server_key,
+        routes_cert,
+        routes_key,
+        routes_ca: ca_file.clone(),
+    });
+
+    // Every route port speaks only TLS (a clear-text peer gets no INFO, only a
+    // close): the routes that formed the cluster are TLS connections.
+    for i in 0..hosts.len() {
+        let greeting = cluster.route_port_greeting(i).unwrap();
+        assert!(greeting.is_none(), "{}: the route port answers clear text: {greeting:?}", cluster.name(i));
+    }
+
+    // A stage verifying the servers against the CA: streams of three replicas, a command stored.
+    let url = cluster.urls_from(0);
+    let bus = connect_to(&url, &[("NATS_STREAM_REPLICAS", "3")], &[("NATS_TLS_CA", &ca_file)])
+        .await
+        .expect("a client with NATS_TLS_CA connects to the TLS cluster");
+    works(&bus).await;
+    let stream = bus.subjects().stream_name(streams::COMMANDS);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match cluster.stream_replicas(&stream) {
+            Ok((3, followers)) if followers.len() == 2 && followers.iter().all(|(_, current)| *current) => break,
+            state => assert!(
+                Instant::now() < deadline,
+                "{stream}: not three current replicas over the TLS routes within 20 s: {state:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Without the CA (the system's roots do not know it), and in clear text: refused.
+    let error = refused(connect_to(&url, &[], &[]).await, "a client without NATS_TLS_CA");
+    assert!(error.to_lowercase().contains("certificate") || error.contains("tls"), "{error}");
+
+    // A renewal: the client port's certificate rewritten in place (as the kubelet
+    // updates a mounted Secret), here by another CA so the change shows, then each
+    // server reloaded. New connections get the new certificate; the stage connected
+    // before keeps working.
+    let renewed_ca = new_ca("mnistflow renewed CA");
+    let renewed_ca_file = write_ca(dir.path(), "renewed-ca", &renewed_ca);
+    let (cert, key) = leaf(dir.path(), "renewed", &renewed_ca, &hosts, false);
+    std::fs::copy(&cert, &server_files.0).unwrap();
+    std::fs::copy(&key, &server_files.1).unwrap();
+    for i in 0..hosts.len() {
+        cluster.reload(i);
+    }
+    refused(connect_to(&url, &[], &[("NATS_TLS_CA", &ca_file)]).await, "the old CA after the renewal and reload");
+    let renewed = connect_to(&url, &[("NATS_STREAM_REPLICAS", "3")], &[("NATS_TLS_CA", &renewed_ca_file)])
+        .await
+        .expect("the renewed certificate is served after the reload");
+    renewed.ensure_streams().await.unwrap();
+    let published = bus.publish(&DatasetDownload::default()).await.expect("the stage connected before the reload");
+    assert_eq!(published.sequence, 2);
 }
