@@ -116,6 +116,47 @@ async fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The name of a dated backup directory: the UTC time, `20261201T031500Z`
+/// (names sort in time order).
+const DATED_FORMAT: &str = "%Y%m%dT%H%M%SZ";
+
+/// `parent/<UTC time of now>`: where `mnistflow backup --dated PARENT` writes.
+#[must_use]
+pub fn dated_dir(parent: &Path, now: chrono::DateTime<chrono::Utc>) -> PathBuf {
+    parent.join(now.format(DATED_FORMAT).to_string())
+}
+
+/// Deletes all but the newest `keep` complete backups in `parent`: only
+/// directories named by [`dated_dir`] that hold a `backup.json`. Anything else
+/// (an incomplete backup, `lost+found` on a fresh volume, a copy a person put
+/// there) is left alone. Returns the directories deleted, oldest first.
+///
+/// # Errors
+/// `keep` is 0 (it would delete the backup just made), or reading `parent` or
+/// deleting a directory fails.
+pub async fn prune(parent: &Path, keep: usize) -> anyhow::Result<Vec<PathBuf>> {
+    if keep == 0 {
+        bail!("--keep 0 would delete every backup, the one just made included");
+    }
+    let mut complete = Vec::new();
+    let mut entries = tokio::fs::read_dir(parent).await.with_context(|| format!("reading {}", parent.display()))?;
+    while let Some(entry) = entries.next_entry().await.with_context(|| format!("reading {}", parent.display()))? {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dated = chrono::NaiveDateTime::parse_from_str(&name, DATED_FORMAT).is_ok();
+        if dated && entry.path().join(SUMMARY_FILE).is_file() {
+            complete.push(entry.path());
+        }
+    }
+    complete.sort();
+    let old = complete.len().saturating_sub(keep);
+    let deleted: Vec<PathBuf> = complete.into_iter().take(old).collect();
+    for dir in &deleted {
+        tokio::fs::remove_dir_all(dir).await.with_context(|| format!("deleting {}", dir.display()))?;
+        info!(dir = %dir.display(), "Old backup deleted.");
+    }
+    Ok(deleted)
+}
+
 /// Copies the streams, then the store, into `dir` (which must not exist or be empty).
 ///
 /// # Errors
@@ -309,4 +350,45 @@ pub async fn restore(bus: &Bus, store: &Store, dir: &Path) -> anyhow::Result<Sum
         info!(stream = %name, messages = restored, "Stream restored.");
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dated_directory_is_named_by_the_utc_time() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T03:15:07+01:00").unwrap().to_utc();
+        assert_eq!(dated_dir(Path::new("/backups"), now), Path::new("/backups/20261201T021507Z"));
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_the_newest_complete_backups_and_touches_nothing_else() {
+        let parent = tempfile::tempdir().unwrap();
+        let make = |name: &str, complete: bool| {
+            let dir = parent.path().join(name);
+            std::fs::create_dir_all(dir.join("store")).unwrap();
+            if complete {
+                std::fs::write(dir.join(SUMMARY_FILE), "{}").unwrap();
+            }
+        };
+        make("20261128T030000Z", true);
+        make("20261129T030000Z", true);
+        make("20261130T030000Z", false); // a run that failed half-way
+        make("20261201T030000Z", true);
+        make("20261202T030000Z", true);
+        make("lost+found", false);
+        make("by-hand", true); // not a dated name: a person's copy
+
+        let deleted = prune(parent.path(), 2).await.unwrap();
+        let names = |dirs: &[PathBuf]| -> Vec<String> {
+            dirs.iter().map(|d| d.file_name().unwrap().to_string_lossy().into_owned()).collect()
+        };
+        assert_eq!(names(&deleted), ["20261128T030000Z", "20261129T030000Z"]);
+        let mut left: Vec<PathBuf> = std::fs::read_dir(parent.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        left.sort();
+        assert_eq!(names(&left), ["20261130T030000Z", "20261201T030000Z", "20261202T030000Z", "by-hand", "lost+found"]);
+        assert!(prune(parent.path(), 2).await.unwrap().is_empty(), "a second prune deletes nothing");
+        assert!(prune(parent.path(), 0).await.is_err(), "--keep 0 is refused");
+    }
 }

@@ -115,13 +115,17 @@ pub async fn run(command: Command, json: bool, shutdown: CancellationToken) -> R
             let bus = connect(&shutdown).await?;
             events(&bus, follow, json, &shutdown).await
         }
-        Command::Backup { dir } => {
+        Command::Backup { dir: parent, dated, keep } => {
             // Read-only: no streams are created on the installation backed up.
             let bus = Bus::connect(&nats_config()?, &shutdown).await?;
             let store = Store::from_lookup(|k| std::env::var(k).ok())?;
+            let dir = if dated { crate::backup::dated_dir(&parent, chrono::Utc::now()) } else { parent.clone() };
             let summary =
                 crate::backup::backup(&bus, &store, &dir).await.map_err(|e| CliError::new(Exit::Failed, e))?;
             report_backup("Backed up", &summary, &dir, json);
+            if let Some(keep) = keep {
+                crate::backup::prune(&parent, usize::from(keep)).await.map_err(|e| CliError::new(Exit::Failed, e))?;
+            }
             Ok(Exit::Ok)
         }
         Command::Restore { dir, store_only } => {

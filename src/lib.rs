@@ -140,8 +140,17 @@ pub enum Command {
     /// Copy the JetStream streams and the model store (NATS_URL, STORE_URL) into
     /// a new directory.
     Backup {
-        /// Where the backup goes (must not exist or be empty).
+        /// Where the backup goes (must not exist or be empty); with --dated, the
+        /// parent of a new directory named by the UTC time.
         dir: PathBuf,
+        /// Write into DIR/<UTC time, 20261201T031500Z> (for a CronJob: a scratch
+        /// image has no shell to name it).
+        #[arg(long)]
+        dated: bool,
+        /// After the backup, delete all but the newest N complete backups
+        /// (dated directories with a backup.json) in DIR.
+        #[arg(long, requires = "dated", value_parser = clap::value_parser!(u16).range(1..))]
+        keep: Option<u16>,
     },
     /// Restore a backup into an empty installation (NATS_URL, STORE_URL): the
     /// store first, CURRENT last, then the streams' messages in their order.

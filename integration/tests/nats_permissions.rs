@@ -7,7 +7,7 @@
 //! answering `mnist.predict` in its queue group and announcing loads, the web tier
 //! asking predictions and replaying the events stream. Then the refusals: the web
 //! identity may not publish a command nor answer `mnist.predict`, inference may not
-//! queue training. And a password rotation by reload: a second user of the web
+//! queue training; the backup identity reads every stream and may change nothing. And a password rotation by reload: a second user of the web
 //! identity with the new password beside the old, the stage moving to it, the
 //! old one removed and refused, the moved stage never dropped.
 
@@ -350,6 +350,68 @@ async fn a_nats_password_is_rotated_by_reload_and_the_stage_that_moved_is_never_
         .expect("the connection on the removed user is dropped within the wait")
         .unwrap();
     answering.abort();
+}
+
+/// The scheduled backup's identity (`k8s/base/backup.yaml`): the JetStream calls
+/// `mnistflow backup` makes (each stream's info, then its messages by sequence)
+/// succeed on all three streams; a command, a stream or a consumer is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_identity_reads_every_stream_and_can_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = server(dir.path());
+    let subjects = mnistflow_nats::Subjects::default();
+    let promoter = connect(&nats, "promoter", true).await;
+    promoter.ensure_streams().await.unwrap();
+    // One message in each stream: an event, a training request, a command.
+    let admin = connect(&nats, "admin", true).await;
+    let loaded = InferenceLoaded {
+        event_id: EventId::new(),
+        instance: "inference-0".into(),
+        version: None,
+        ok: false,
+        refused: None,
+        error: Some("no model yet".into()),
+        load_ms: 0.0,
+        at: Utc::now(),
+    };
+    admin.publish(&loaded).await.unwrap();
+    admin.publish(&TrainRequest::default()).await.unwrap();
+    admin
+        .publish(&ModelPromote { event_id: EventId::new(), version: ModelVersion::generate(), requested_by: None })
+        .await
+        .unwrap();
+
+    let backup = connect(&nats, "backup", false).await;
+    for role in ["EVENTS", "TRAIN", "COMMANDS"] {
+        let name = subjects.stream_name(role);
+        let mut stream =
+            backup.jetstream().get_stream(&name).await.unwrap_or_else(|e| panic!("backup reads {name}'s info: {e}"));
+        let state = stream.info().await.unwrap_or_else(|e| panic!("backup reads {name}'s state: {e}")).state.clone();
+        assert!(state.messages > 0, "{name} holds the test's message");
+        let message = stream
+            .get_raw_message(state.first_sequence)
+            .await
+            .unwrap_or_else(|e| panic!("backup reads {name} message {}: {e}", state.first_sequence));
+        assert!(message.subject.starts_with("mnist."), "{name}: {}", message.subject);
+    }
+
+    // Refusals: no command, no event (JetStream or core NATS), no stream, no consumer.
+    let error = chain(&backup.publish(&TrainRequest::default()).await.expect_err("backup may not queue training"));
+    assert!(error.contains("permission denied"), "{error}");
+    let promote = subjects.full(subjects::MODEL_PROMOTE);
+    backup.client().publish(promote.clone(), "{}".into()).await.unwrap();
+    refused(&backup, &promote).await;
+    // (Plain publishes on the API subjects: a refused JetStream request would only time out.)
+    for api in [
+        "$JS.API.STREAM.CREATE.MNIST_EXTRA",
+        "$JS.API.STREAM.DELETE.MNIST_EVENTS",
+        "$JS.API.CONSUMER.CREATE.MNIST_EVENTS",
+    ] {
+        backup.client().publish(api, "{}".into()).await.unwrap();
+        refused(&backup, api).await;
+    }
+    let mut train = admin.jetstream().get_stream(subjects.stream_name("TRAIN")).await.unwrap();
+    assert_eq!(train.info().await.unwrap().state.messages, 1, "a refused train.request was stored");
 }
 
 /// An error with its causes, as `main` prints it.

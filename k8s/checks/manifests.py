@@ -979,6 +979,60 @@ def serving_path(rendered: dict[str, list[dict]]) -> None:
            "promoter Deployment (rejected: a writable mount, no promoter, INFERENCE_PROMOTER=true)")
 
 
+def backup_problems(docs: list[dict]) -> list[str]:
+    """The scheduled backup (k8s/base/backup.yaml): a CronJob that never overlaps, retries
+    a bounded number of times within a deadline, runs `mnistflow backup --dated` as the
+    read-only NATS identity `backup`, reads the store through a read-only mount (or a
+    bucket) and writes into a claim of its own."""
+    jobs = [d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "backup"]
+    if not jobs:
+        return ["no CronJob/backup"]
+    d = jobs[0]
+    problems = []
+    spec, job = d["spec"], d["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    if spec.get("concurrencyPolicy") != "Forbid":
+        problems.append(f"concurrencyPolicy is {spec.get('concurrencyPolicy')!r}, not Forbid (two backups at once)")
+    if job.get("backoffLimit") is None or job.get("activeDeadlineSeconds") is None:
+        problems.append("the Job template needs backoffLimit and activeDeadlineSeconds")
+    c = pod["containers"][0]
+    command = (c.get("command") or []) + (c.get("args") or [])
+    if command[:2] != ["/usr/local/bin/mnistflow", "backup"] or "--dated" not in command:
+        problems.append(f"runs {command}, not /usr/local/bin/mnistflow backup --dated PARENT")
+    env = container_env(docs, c)
+    if env.get("NATS_USER") != "backup":
+        problems.append(f"NATS_USER is {env.get('NATS_USER')!r}, not the read-only identity backup")
+    claims = {d_["metadata"]["name"] for d_ in docs if d_["kind"] == "PersistentVolumeClaim"}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+    store_url = env.get("STORE_URL", "")
+    if not re.match(r"^(gs|s3)://", store_url):
+        m = mounts.get(store_url.removeprefix("file://"))
+        claim = volumes.get(m["name"], {}).get("persistentVolumeClaim") if m else None
+        if not claim or claim.get("claimName") not in claims:
+            problems.append(f"no mount of an existing claim at the store path {store_url}")
+        elif not (m.get("readOnly") and claim.get("readOnly")):
+            problems.append("the store is mounted writable (volumeMount and persistentVolumeClaim both need readOnly: true)")
+    parent = command[command.index("--dated") + 1] if "--dated" in command[:-1] else ""
+    m = mounts.get(parent)
+    claim = volumes.get(m["name"], {}).get("persistentVolumeClaim") if m else None
+    if not claim or claim.get("claimName") not in claims or m.get("readOnly"):
+        problems.append(f"--dated {parent!r} is not a writable mount of an existing claim")
+    return problems
+
+
+def backup(rendered: dict[str, list[dict]]) -> None:
+    print("backup", flush=True)
+    bad = 0
+    for name, docs in rendered.items():
+        for problem in backup_problems(docs):
+            fail(f"{name}: CronJob/backup: {problem}")
+            bad += 1
+    if not bad:
+        ok(f"{len(rendered)} renders: CronJob/backup (Forbid, bounded retries and deadline) runs mnistflow backup "
+           "--dated as NATS user backup, the store read-only, into its own claim")
+
+
 def store(rendered: dict[str, list[dict]]) -> None:
     print("store", flush=True)
     reads = code_env_reads()
@@ -1108,6 +1162,9 @@ def gateway(rendered: dict[str, list[dict]]) -> None:
 # its stable overlays; docs/kubernetes/fsgroup.md), so the kubelet applies a pod's
 # fsGroup to these ReadWriteMany volumes too.
 FILESTORE_CLASSES = {"standard-rwx", "premium-rwx", "enterprise-rwx", "zonal-rwx", "enterprise-multishare-rwx"}
+# Persistent disk classes: the PD CSI driver applies fsGroup to its (ReadWriteOnce) volumes too;
+# the backups claim uses one.
+PD_CLASSES = {"standard-rwo", "premium-rwo", "balanced-rwo"}
 
 
 def store_permissions(rendered: dict[str, list[dict]]) -> None:
@@ -1128,8 +1185,8 @@ def store_permissions(rendered: dict[str, list[dict]]) -> None:
             what = f"{name}: {d['kind']}/{d['metadata']['name']}"
             pod_sc = spec.get("securityContext") or {}
             for claim in claims:
-                if classes.get(claim) not in FILESTORE_CLASSES:
-                    fail(f"{what}: claim {claim} has class {classes.get(claim)!r}, not a Filestore class known to apply fsGroup")
+                if classes.get(claim) not in FILESTORE_CLASSES | PD_CLASSES:
+                    fail(f"{what}: claim {claim} has class {classes.get(claim)!r}, not a Filestore or PD class known to apply fsGroup")
                     problems += 1
             for c in spec.get("initContainers", []) + spec["containers"]:
                 sc = {**pod_sc, **(c.get("securityContext") or {})}
@@ -1140,7 +1197,7 @@ def store_permissions(rendered: dict[str, list[dict]]) -> None:
                          f"fsGroup {pod_sc.get('fsGroup')}, {pod_sc.get('fsGroupChangePolicy')})")
                     problems += 1
         if problems == before:
-            ok(f"{name}: " + (f"{pods} pods mounting a Filestore claim get its group through fsGroup (OnRootMismatch), as non-root"
+            ok(f"{name}: " + (f"{pods} pods mounting a Filestore (backups: PD) claim get its group through fsGroup (OnRootMismatch), as non-root"
                               if pods else "no pod mounts a claim"))
     if not any(n.startswith("gke") for n in rendered):
         fail("no GKE overlay rendered")
@@ -1323,7 +1380,8 @@ def flows(rendered: dict[str, list[dict]]) -> None:
         policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
         pods: dict[str, Endpoint] = {}
         for i, (d, spec) in enumerate(pod_specs(docs)):
-            tpl = d["spec"]["jobTargetRef"]["template"] if d["kind"] == "ScaledJob" else d["spec"]["template"]
+            tpl = (d["spec"]["jobTargetRef"]["template"] if d["kind"] == "ScaledJob"
+                   else d["spec"]["jobTemplate"]["spec"]["template"] if d["kind"] == "CronJob" else d["spec"]["template"])
             key = f"{d['metadata']['name']}-{d['kind'].lower()}"
             pods[key] = Endpoint(key, f"10.8.0.{i + 10}", "mnistflow", tpl["metadata"].get("labels", {}))
         pods["client"] = Endpoint("a pod labelled inference-client", "10.8.0.99", "mnistflow",
@@ -1342,7 +1400,8 @@ def flows(rendered: dict[str, list[dict]]) -> None:
         # Cloud DNS for GKE answers on the metadata server's address.
         resolvers = [ext["dns"], ext["metadata"], ext["nodelocaldns"]]
         bucket = bool(re.match(r"^(gs|s3)://", (config_map(docs, "mnistflow-config") or {}).get("data", {}).get("STORE_URL", "")))
-        stages = [k for k in pods if k.split("-")[0] in ("downloader", "trainer", "inference", "web")]
+        # The backup CronJob is held to a stage's flows: NATS, DNS, a bucket store's APIs, nothing else.
+        stages = [k for k in pods if k.split("-")[0] in ("downloader", "trainer", "inference", "web", "backup")]
         expect = []  # (src, dst, port, protocol, allowed?)
         for k in stages:
             expect.append((pods[k], pods["nats-statefulset"], 4222, "TCP", True))
@@ -1497,7 +1556,35 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
             fail(f"ScaledJob/trainer: exit {code}, {len(versions)} version(s)\n{p.tail()}")
         p.kill()
 
-    # 3. Every Deployment: probes answer, SIGTERM drains within the grace period.
+    # 3. The backup CronJob's command as its pod runs it (NATS user backup, the
+    #    read-only identity), its claim a temporary directory: after the downloader
+    #    and the trainer, the three streams are copied (the events stream holds their
+    #    events) and the store holds a version.
+    d, spec, env, _ = env_for("CronJob", "backup", {})
+    c = spec["containers"][0]
+    exe = binary(c)
+    if exe:
+        backups = tmp / "backups"
+        backups.mkdir()
+        paths = {m["mountPath"]: str(backups) for m in c.get("volumeMounts", []) if m["name"] == "backups"}
+        args = [paths.get(a, a) for a in c.get("args", [])]
+        t = time.monotonic()
+        p = Proc([str(exe), *args], env, tmp / "backup-job.log")
+        code = p.wait(120)
+        made = sorted(backups.glob("*/backup.json"))
+        summary = json.loads(made[0].read_text()) if made else {}
+        streams = summary.get("streams", {})
+        versions = [o["key"] for o in summary.get("objects", []) if o["key"].endswith("/metadata.json")]
+        # (The work queues may be empty by now: the trainer took its request.)
+        if code == 0 and len(made) == 1 and len(streams) == 3 and streams.get("MNIST_EVENTS") and versions:
+            ok(f"CronJob/backup: as NATS user {env.get('NATS_USER')}, {made[0].parent.name}/ holds the three streams "
+               f"({', '.join(f'{k} {v}' for k, v in streams.items())}) and {len(summary['objects'])} objects "
+               f"({time.monotonic() - t:.1f} s)")
+        else:
+            fail(f"CronJob/backup: exit {code}, {len(made)} backup(s), streams {streams}, versions {versions}\n{p.tail()}")
+        p.kill()
+
+    # 4. Every Deployment: probes answer, SIGTERM drains within the grace period.
     for (kind, name), (d, spec) in sorted(workloads.items()):
         if kind != "Deployment":
             continue
@@ -1612,6 +1699,11 @@ SELF_TESTS = {
     "gateway": (lambda r: [d for d in r["gke-https"] if d["kind"] == "HTTPRoute"][0]["spec"]["rules"][0][
         "backendRefs"][0].update(name="no-such-service"), lambda r: gateway(r)),
     "flows": (break_flows, lambda r: flows(r)),
+    "backup (a writable store mount)": (
+        lambda r: [m.pop("readOnly") for m in find(r["gke"], "CronJob", "backup")["spec"]["jobTemplate"]["spec"][
+            "template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == "store"], lambda r: backup(r)),
+    "backup (overlapping runs)": (lambda r: find(r["base"], "CronJob", "backup")["spec"].update(
+        concurrencyPolicy="Allow"), lambda r: backup(r)),
     "nats-cluster": (lambda r: find(r["gke"], "StatefulSet", "nats")["spec"].update(replicas=2),
                      lambda r: nats_cluster_shape(r)),
     "nats-tls": (lambda r: [d for d in r["gke-tls"] if d["kind"] == "Certificate"
@@ -1676,6 +1768,7 @@ def main() -> int:
         ports(rendered)
         store(rendered)
         serving_path(rendered)
+        backup(rendered)
         store_permissions(rendered)
         autopilot(rendered, out)
         gateway(rendered)
