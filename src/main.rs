@@ -9,7 +9,7 @@ async fn main() -> ExitCode {
     let cli = mnistflow::Cli::parse();
     // `up` narrates the pipeline itself; stage logs show warnings and errors unless RUST_LOG says more.
     let default_filter = if matches!(cli.command, mnistflow::Command::Up(_)) { "warn,mnistflow=info" } else { "warn" };
-    let telemetry = match mnistflow_nats::runtime::init_tracing_with_default("mnistflow", default_filter) {
+    let telemetry = match mnistflow_runtime::init_tracing_with_default("mnistflow", default_filter) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e}");

@@ -57,24 +57,17 @@ pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::R
             };
             let server = metrics::serve(addr, metrics, bus.clone(), shutdown.clone())
                 .await
-                .map_err(|e| rocket_error(&e))
-                .context("DOWNLOADER_METRICS_ADDR")?;
-            tracing::info!(%addr, "Health and metrics served.");
+                .with_context(|| format!("DOWNLOADER_METRICS_ADDR {addr}"))?;
+            tracing::info!(addr = %server.addr, "Health and metrics served.");
             tokio::select! {
                 r = service => Ok(r?),
-                r = server => match r {
+                r = server.task => match r {
                     Ok(Ok(())) if shutdown.is_cancelled() => Ok(()),
                     Ok(Ok(())) => Err(anyhow::anyhow!("the metrics server stopped")),
-                    Ok(Err(e)) => Err(rocket_error(&e)).with_context(|| format!("DOWNLOADER_METRICS_ADDR {addr}")),
+                    Ok(Err(e)) => Err(e).with_context(|| format!("DOWNLOADER_METRICS_ADDR {addr}")),
                     Err(e) => Err(anyhow::anyhow!("the metrics server panicked: {e}")),
                 },
             }
         }
     }
-}
-
-/// Rocket's errors panic when dropped unexamined; turn one into plain text.
-fn rocket_error(e: &rocket::Error) -> anyhow::Error {
-    let _ = e.kind();
-    anyhow::anyhow!("{e}")
 }

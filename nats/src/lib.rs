@@ -18,7 +18,6 @@
 //!   delivery-derived ids of commands and their answers.
 //! - [`redact`]: credentials removed from text bound for events and logs.
 //! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
-//! - [`runtime`]: process plumbing shared by every binary (tracing, shutdown).
 //! - [`telemetry`]: trace export over OTLP and W3C trace context in HTTP and NATS headers.
 
 pub mod bus;
@@ -29,7 +28,6 @@ pub mod permissions;
 pub mod predict;
 pub mod redact;
 pub mod replay;
-pub mod runtime;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
