@@ -34,15 +34,26 @@ pub use metrics::Metrics;
 pub use service::ServiceOptions;
 pub use stage::{Downloader, Obtained, Origin};
 
-/// Connects to the store and NATS, then runs in the configured mode.
+/// The binary's resources: opens the store, connects to NATS, makes sure the
+/// streams exist, then [`run`]s.
 ///
 /// # Errors
-/// Start-up failed (store URL, NATS unreachable, metrics address taken), or in
-/// `once` mode the download failed (already announced as `dataset.failed`).
+/// Start-up failed (store URL, NATS unreachable), or as [`run`].
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::open(&config.store_url)?;
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     bus.ensure_streams().await?;
+    run(config, bus, store, shutdown).await
+}
+
+/// The stage on its resources (`mnistflow up` hands every stage the same bus and
+/// store): runs in the configured mode until `shutdown` (service) or after one
+/// download (once).
+///
+/// # Errors
+/// The metrics address is taken, the work queue cannot be bound, or in `once`
+/// mode the download failed (already announced as `dataset.failed`).
+pub async fn run(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let downloader = Downloader::new(&config, store, bus.clone(), metrics.clone())?;
     match config.mode {

@@ -182,10 +182,20 @@ impl App {
 /// # Errors
 /// NATS unreachable, the store URL unsupported, or the server failed.
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if config.role == config::Role::Promoter {
-        return promoter::serve(config, shutdown).await;
-    }
     let store = Store::open(&config.store_url)?;
     let bus = Bus::connect(&config.nats, &shutdown).await?;
+    run(config, bus, store, shutdown).await
+}
+
+/// The stage on its resources (`mnistflow up` hands every stage the same bus and
+/// store): serves (or, with `INFERENCE_ROLE=promoter`, promotes) until
+/// `shutdown`, then drains.
+///
+/// # Errors
+/// As [`App::start`] and [`App::wait`], or [`promoter::serve`].
+pub async fn run(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.role == config::Role::Promoter {
+        return promoter::serve(config, bus, store, shutdown).await;
+    }
     App::start(config, bus, store, shutdown).await?.wait().await
 }

@@ -19,17 +19,15 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::Config;
 
-/// The promoter process: connects as its own identity (it creates the streams
-/// and consumers), consumes `model.promote` until `shutdown`, and answers
+/// The promoter process, on its bus (its own identity: it creates the streams
+/// and consumers) and store: consumes `model.promote` until `shutdown`, and answers
 /// `GET /healthz` and `GET /readyz` (NATS connected) on `INFERENCE_PORT`. No
 /// model is loaded and no image is parsed here.
 ///
 /// # Errors
 /// The store URL is unsupported, NATS unreachable, set-up refused, or the HTTP
 /// server cannot bind.
-pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::open(&config.store_url)?;
-    let bus = Bus::connect(&config.nats, &shutdown).await?;
+pub async fn serve(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     bus.ensure_streams().await?;
     let consumer = tokio::spawn(run(bus.clone(), store, shutdown.clone()));
     let mut rc = mnistflow_runtime::http::config(SocketAddr::new(config.address, config.port), Duration::from_secs(1));

@@ -192,6 +192,15 @@ pub async fn start(config: Config, bus: Bus, shutdown: CancellationToken) -> Res
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     bus.ensure_streams().await?;
+    run(config, bus, shutdown).await
+}
+
+/// The stage on its resources (`mnistflow up` hands every stage the same bus):
+/// serves until `shutdown` and the grace period.
+///
+/// # Errors
+/// The server could not start or failed.
+pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
     let server = start(config, bus, shutdown.clone()).await?;
     server.wait().await?;
     info!("Web tier stopped.");
