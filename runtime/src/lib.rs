@@ -9,10 +9,13 @@
 //! - [`signal`]: the one shutdown token per process, cancelled by SIGTERM or SIGINT.
 //! - [`http`]: the Rocket start-up (release defaults, no `ROCKET_*`, our address,
 //!   graceful stop, the bound address) and the `/metrics` answer.
+//! - [`process`]: per-binary process settings (glibc malloc, OpenMP wait
+//!   policy) applied before the libraries that read them start.
 
 pub mod env;
 pub mod http;
 pub mod logging;
+pub mod process;
 pub mod signal;
 
 pub use env::ConfigError;

@@ -58,7 +58,9 @@ pub fn init_tracing_from_lookup(
     let logs = if json {
         fmt::layer().json().with_writer(std::io::stderr).with_current_span(true).with_filter(filter).boxed()
     } else {
-        fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed()
+        // Colours only for a terminal: escape codes in a file or a pipe are noise.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter).boxed()
     };
     let otel = provider.as_ref().map(telemetry::layer);
     // Another subscriber already installed (a test harness) keeps its place.
