@@ -269,6 +269,6 @@ async fn each_stage_works_with_its_own_nats_identity_and_no_more() {
 }
 
 /// An error with its causes, as `main` prints it.
-fn chain(error: &dyn std::error::Error) -> String {
-    std::iter::successors(Some(error), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ")
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    mnistflow_nats::error_chain_text(error)
 }

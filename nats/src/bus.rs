@@ -396,10 +396,22 @@ impl Bus {
     }
 }
 
+/// `error` and its causes, outermost first.
+pub fn error_chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// `error` and its causes in one line, joined by `: ` (what a log line or a test
+/// message should show of an error whose causes are sources).
+pub fn error_chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    error_chain(error).map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
+
 /// Whether a set-up failure is a JetStream request that got no answer in time.
 fn timed_out(error: &BusError) -> bool {
-    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
-        .any(|e| e.to_string().contains("timed out"))
+    error_chain(error).any(|e| e.to_string().contains("timed out"))
 }
 
 /// Picks rustls' crypto provider for the process once. async-nats builds its TLS

@@ -33,7 +33,10 @@ pub mod subjects;
 pub mod telemetry;
 pub mod work;
 
-pub use bus::{Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions};
+pub use bus::{
+    Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions, error_chain,
+    error_chain_text,
+};
 pub use config::{ConfigError, NatsConfig};
 pub use events::*;
 pub use ids::{DatasetId, EventId, ModelVersion, RunId};
