@@ -182,7 +182,7 @@ pub enum ModelsAction {
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> ExitCode {
-    let shutdown = mnistflow_nats::runtime::shutdown_token();
+    let shutdown = mnistflow_runtime::shutdown_token();
     let result = match cli.command {
         Command::Up(args) => up::up(args, shutdown).await,
         other => commands::run(other, cli.json, shutdown).await,

@@ -1,10 +1,12 @@
 //! `mnistflow up`: the whole pipeline in one process on one machine.
 //!
-//! Starts (or uses, with `NATS_URL`) a nats-server, creates the streams, runs the
-//! downloader (service), the trainer (worker), inference and web against a local
-//! store directory, then kicks off what is missing: a download when no data set
+//! Starts (or uses, with `NATS_URL`) a nats-server, connects once, creates the
+//! streams, runs the downloader (service), the trainer (worker), inference and web
+//! on that one connection and one local store directory, then kicks off what is missing: a download when no data set
 //! is stored, a training run when no model is current. A second `up` finds both
-//! and starts serving at once. Ctrl-C cancels one token that every stage watches.
+//! and starts serving at once. Ctrl-C cancels one token that every stage watches;
+//! the managed nats-server, in a process group of its own, does not see it and is
+//! stopped once the stages have.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -20,6 +22,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{CliError, Exit};
+
+/// `up`'s narration (what starts, each event, the stop), one plain line each. It
+/// goes to stderr beside the log lines, which `up` writes as plain text too; with
+/// `LOG_FORMAT=json` the log lines are JSON and the narration goes to stdout
+/// instead, so that stderr stays one JSON object a line.
+fn narrate_line(line: std::fmt::Arguments<'_>) {
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.trim() == "json") {
+        println!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+macro_rules! narrate {
+    ($($arg:tt)*) => { narrate_line(format_args!($($arg)*)) };
+}
 
 /// `mnistflow up` options. Stage settings (`TRAINER_EPOCHS`, `INFERENCE_MAX_BATCH`,
 /// `DOWNLOADER_MIRRORS`, ...) are read from the environment as usual.
@@ -67,10 +85,31 @@ impl ManagedNats {
             .arg(&data)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group: Ctrl-C in the terminal reaches `up` only, which
+            // stops the stages first and the server last (no stage sees it vanish).
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {} (run scripts/setup, or set NATS_URL)", bin.display()))?;
         Ok(Self { child })
+    }
+
+    /// Waits (10 s at most) until the server accepts connections, so that the
+    /// first connect succeeds instead of logging a retry.
+    async fn wait_ready(&mut self, port: u16) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("the nats-server on port {port} exited at start ({status}); is the port taken?");
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("the nats-server did not accept connections on port {port} within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn stop(mut self) {
@@ -94,7 +133,8 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
     let (nats_url, managed) = match external {
         Some(url) => (url, None),
         None => {
-            let managed = ManagedNats::start(&args.home, args.nats_port)?;
+            let mut managed = ManagedNats::start(&args.home, args.nats_port)?;
+            managed.wait_ready(args.nats_port).await?;
             (format!("nats://127.0.0.1:{}", args.nats_port), Some(managed))
         }
     };
@@ -120,9 +160,10 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
         ("INFERENCE_PORT", args.inference_port.to_string()),
     ];
     let defaults: Vec<(&'static str, String)> = vec![
-        ("DOWNLOADER_METRICS_ADDR", format!("{web_addr}:9102")),
-        ("TRAINER_METRICS_ADDR", format!("{web_addr}:9103")),
-        ("WEB_METRICS_ADDR", format!("{web_addr}:9104")),
+        // Picked free (and logged by each stage), so that two pipelines run side by side.
+        ("DOWNLOADER_METRICS_ADDR", format!("{web_addr}:0")),
+        ("TRAINER_METRICS_ADDR", format!("{web_addr}:0")),
+        ("WEB_METRICS_ADDR", format!("{web_addr}:0")),
         ("INFERENCE_INSTANCE", "inference-local".into()),
     ];
     let lookup = move |key: &str| -> Option<String> {
@@ -139,24 +180,25 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
     let inference = mnistflow_inference::Config::from_lookup(&lookup)?;
     let web = mnistflow_web::Config::from_lookup(&lookup)?;
 
+    // One connection and one store for all four stages.
     let mut stages = JoinSet::new();
-    let token = shutdown.clone();
-    stages.spawn(async move { ("downloader", mnistflow_downloader::main_with(downloader, token).await) });
-    let token = shutdown.clone();
-    stages.spawn(async move { ("trainer", mnistflow_trainer::main_with(trainer, token).await) });
-    let token = shutdown.clone();
-    stages.spawn(async move { ("inference", mnistflow_inference::main_with(inference, token).await) });
-    let token = shutdown.clone();
-    stages.spawn(async move { ("web", mnistflow_web::main_with(web, token).await) });
+    let (b, st, token) = (bus.clone(), store.clone(), shutdown.clone());
+    stages.spawn(async move { ("downloader", mnistflow_downloader::run(downloader, b, st, token).await) });
+    let (b, st, token) = (bus.clone(), store.clone(), shutdown.clone());
+    stages.spawn(async move { ("trainer", mnistflow_trainer::run(trainer, b, st, token).await) });
+    let (b, st, token) = (bus.clone(), store.clone(), shutdown.clone());
+    stages.spawn(async move { ("inference", mnistflow_inference::run(inference, b, st, token).await) });
+    let (b, token) = (bus.clone(), shutdown.clone());
+    stages.spawn(async move { ("web", mnistflow_web::run(web, b, token).await) });
 
     let page = format!("http://{}:{}/", args.address, args.web_port);
-    eprintln!(
+    narrate!(
         "mnistflow is starting: page {page}, inference API http://{}:{}/v1/predict, NATS {nats_url}, store {}.",
         args.address,
         args.inference_port,
         store.url()
     );
-    eprintln!("Ctrl-C stops everything.");
+    narrate!("Ctrl-C stops everything.");
 
     if !args.no_bootstrap {
         bootstrap(&bus, &store).await?;
@@ -180,7 +222,7 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
                 if failed.is_some() { break; }
             }
             event = replay.next() => match event {
-                Some(Ok(e)) => eprintln!("[{}] {}", e.suffix, crate::commands::describe(&e.suffix, &e.payload)),
+                Some(Ok(e)) => narrate!("[{}] {}", e.suffix, crate::commands::describe(&e.suffix, &e.payload)),
                 Some(Err(e)) => warn!(error = %e, "Event stream hiccup."),
                 None => {}
             },
@@ -202,13 +244,21 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
         warn!("Some stages did not stop within 30 s; aborting them.");
         stages.abort_all();
     }
+    // The stages have stopped: close the one connection cleanly, then the server
+    // (which would otherwise vanish under a live connection).
+    drop(replay);
+    match tokio::time::timeout(Duration::from_secs(5), bus.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "Closing the NATS connection failed."),
+        Err(_) => warn!("The NATS connection did not close within 5 s."),
+    }
     if let Some(nats) = managed {
         nats.stop().await;
     }
     match failed {
         Some(e) => Err(CliError::new(Exit::Failed, e)),
         None => {
-            eprintln!("Stopped.");
+            narrate!("Stopped.");
             Ok(Exit::Ok)
         }
     }
@@ -229,16 +279,16 @@ async fn bootstrap(bus: &Bus, store: &Store) -> Result<(), CliError> {
         }
     };
     if queued(mnistflow_nats::streams::COMMANDS).await + queued(mnistflow_nats::streams::TRAIN).await > 0 {
-        eprintln!("A download or training request from an earlier run is still queued; it resumes now.");
+        narrate!("A download or training request from an earlier run is still queued; it resumes now.");
         return Ok(());
     }
     match (dataset, current) {
         (None, _) => {
-            eprintln!("No data set in the store yet: requesting a download (training follows).");
+            narrate!("No data set in the store yet: requesting a download (training follows).");
             bus.publish(&DatasetDownload { requested_by: Some("mnistflow-up".into()), ..Default::default() }).await?;
         }
         (Some(d), None) => {
-            eprintln!("Data set {} is stored but no model is served yet: requesting a training run.", d.dataset_id);
+            narrate!("Data set {} is stored but no model is served yet: requesting a training run.", d.dataset_id);
             bus.publish(&TrainRequest {
                 dataset_id: Some(d.dataset_id),
                 requested_by: Some("mnistflow-up".into()),
@@ -246,7 +296,7 @@ async fn bootstrap(bus: &Bus, store: &Store) -> Result<(), CliError> {
             })
             .await?;
         }
-        (Some(d), Some(v)) => eprintln!("Reusing data set {} and model {v}.", d.dataset_id),
+        (Some(d), Some(v)) => narrate!("Reusing data set {} and model {v}.", d.dataset_id),
     }
     Ok(())
 }

@@ -270,3 +270,64 @@ fn up_brings_the_pipeline_up_from_nothing_and_a_second_up_reuses_its_data_and_mo
     let datasets = std::fs::read_dir(home.path().join("store/datasets/mnist")).unwrap().count();
     assert_eq!(datasets, 1, "one data set downloaded in all");
 }
+
+/// Waits (120 s at most) until `port` answers `/healthz` with 200.
+fn wait_healthy(up: &Up, port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !matches!(http_get(port, "/healthz"), Some((200, _))) {
+        assert!(std::time::Instant::now() < deadline, "{what} did not answer /healthz within 120 s:\n{}", up.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The metrics addresses a stage logged (`addr=127.0.0.1:PORT`, plain log lines).
+fn logged_addrs(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("etrics") && l.contains("listening") || l.contains("Health and metrics served"))
+        .filter_map(|l| l.split("addr=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn two_ups_run_side_by_side_and_ctrl_c_stops_each_without_a_warning() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Given only their homes and the three ports: the metrics listeners pick free ports.
+    let first = Up::start_with(a.path(), "up.log", &[], &["--no-bootstrap"]);
+    let second = Up::start_with(b.path(), "up.log", &[], &["--no-bootstrap"]);
+    for up in [&first, &second] {
+        wait_healthy(up, up.web, "the page");
+        wait_healthy(up, up.inference, "inference");
+    }
+    // Each stage with a metrics listener logged the address it bound; none is shared.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    while one.len() < 3 || two.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three metrics addresses each within 60 s:\n{}\n---\n{}",
+            first.log(),
+            second.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        (one, two) = (logged_addrs(&first.log()), logged_addrs(&second.log()));
+    }
+    let all: std::collections::BTreeSet<_> = one.iter().chain(&two).collect();
+    assert_eq!(all.len(), 6, "six distinct metrics addresses: {one:?} {two:?}");
+    for addr in &all {
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        assert!(http_get(port, "/metrics").is_some_and(|(s, _)| s == 200), "{addr} serves /metrics");
+    }
+
+    for up in [first, second] {
+        let (status, said) = up.interrupt();
+        assert_eq!(status.code(), Some(0), "{said}");
+        assert!(said.contains("Stopped."), "{said}");
+        // Rocket's launch notices, a lost NATS connection while stopping: none.
+        let warnings: Vec<_> = said.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        assert!(warnings.is_empty(), "a clean run and stop log no warning: {warnings:#?}\n{said}");
+        assert!(!said.to_lowercase().contains("disconnect"), "{said}");
+        // One line per log record: no JSON mixed into the plain narration.
+        assert!(!said.lines().any(|l| l.trim_start().starts_with('{')), "{said}");
+    }
+}

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use mnistflow_nats::config::{flag, listen_addr, var, var_or};
 use mnistflow_nats::{ConfigError, NatsConfig, redact_credentials};
+use mnistflow_runtime::env::{self, flag, listen_addr, positive, positive_secs, var, var_or};
 use url::Url;
 
 use crate::verify::KNOWN_SHA256;
@@ -146,6 +146,30 @@ pub struct Config {
 }
 
 impl Config {
+    /// The variables [`Config::from_lookup`] reads itself (the `NATS_*` ones are
+    /// [`NatsConfig::ENV_VARS`]).
+    pub const ENV_VARS: &'static [&'static str] = &[
+        "DOWNLOADER_MODE",
+        "DOWNLOADER_MIRRORS",
+        "DOWNLOADER_ALLOWED_MIRRORS",
+        "DOWNLOADER_SHA256",
+        "DOWNLOADER_RETRIES",
+        "DOWNLOADER_TIMEOUT_SECS",
+        "DOWNLOADER_BACKOFF_MS",
+        "DOWNLOADER_TMP_DIR",
+        "DOWNLOADER_PROGRESS",
+        "DOWNLOADER_AUTO_TRAIN",
+        "DOWNLOADER_METRICS_ADDR",
+        "DOWNLOADER_MAX_DELIVER",
+        "DOWNLOADER_RETRY_DELAY_SECS",
+    ];
+
+    /// Every variable this binary reads: the process's, NATS', the store's, its own
+    /// (`--print-env-vars` prints them; `k8s/check` compares them with the manifests).
+    pub fn env_vars() -> Vec<&'static str> {
+        env::env_vars(&[env::PROCESS_VARS, NatsConfig::ENV_VARS, env::STORE_VARS, Self::ENV_VARS])
+    }
+
     /// Reads the process environment.
     ///
     /// # Errors
@@ -160,10 +184,7 @@ impl Config {
     /// A variable is malformed; the error names it.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let nats = NatsConfig::from_lookup(&lookup)?.with_client_name("mnistflow-downloader");
-        let store_url = lookup("STORE_URL")
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| ".mnistflow/store".into());
+        let store_url = env::store_url(&lookup);
         let mode = var_or(&lookup, "DOWNLOADER_MODE", Mode::Once)?;
 
         let mirrors = match lookup("DOWNLOADER_MIRRORS").filter(|v| !v.trim().is_empty()) {
@@ -203,10 +224,7 @@ impl Config {
             "DOWNLOADER_METRICS_ADDR",
             DEFAULT_METRICS_ADDR.parse().expect("default metrics address parses"),
         )?;
-        let max_deliver: i64 = var_or(&lookup, "DOWNLOADER_MAX_DELIVER", 3)?;
-        if max_deliver < 1 {
-            return Err(ConfigError::new("DOWNLOADER_MAX_DELIVER", "must be at least 1"));
-        }
+        let max_deliver: i64 = positive(&lookup, "DOWNLOADER_MAX_DELIVER", 3)?;
         let retry_delay = positive_secs(&lookup, "DOWNLOADER_RETRY_DELAY_SECS", 30.0)?;
         Ok(Self {
             nats,
@@ -228,14 +246,6 @@ impl Config {
             retry_delay,
         })
     }
-}
-
-fn positive_secs(lookup: &impl Fn(&str) -> Option<String>, name: &str, default: f64) -> Result<Duration, ConfigError> {
-    let secs: f64 = var_or(lookup, name, default)?;
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(ConfigError::new(name, "must be a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Parses one mirror: an `http(s)://` or `file://` base URL, or an absolute
@@ -461,5 +471,12 @@ mod tests {
         assert_eq!(c.mode, Mode::Service);
         assert_eq!(c.metrics_addr, None);
         assert!(!c.auto_train);
+    }
+
+    #[test]
+    fn the_variable_list_names_exactly_what_is_read() {
+        mnistflow_runtime::env::assert_lists_exactly(&Config::env_vars(), &[], |lookup| {
+            Config::from_lookup(lookup).unwrap();
+        });
     }
 }

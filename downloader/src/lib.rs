@@ -34,15 +34,26 @@ pub use metrics::Metrics;
 pub use service::ServiceOptions;
 pub use stage::{Downloader, Obtained, Origin};
 
-/// Connects to the store and NATS, then runs in the configured mode.
+/// The binary's resources: opens the store, connects to NATS, makes sure the
+/// streams exist, then [`run`]s.
 ///
 /// # Errors
-/// Start-up failed (store URL, NATS unreachable, metrics address taken), or in
-/// `once` mode the download failed (already announced as `dataset.failed`).
+/// Start-up failed (store URL, NATS unreachable), or as [`run`].
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::open(&config.store_url)?;
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     bus.ensure_streams().await?;
+    run(config, bus, store, shutdown).await
+}
+
+/// The stage on its resources (`mnistflow up` hands every stage the same bus and
+/// store): runs in the configured mode until `shutdown` (service) or after one
+/// download (once).
+///
+/// # Errors
+/// The metrics address is taken, the work queue cannot be bound, or in `once`
+/// mode the download failed (already announced as `dataset.failed`).
+pub async fn run(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let downloader = Downloader::new(&config, store, bus.clone(), metrics.clone())?;
     match config.mode {
@@ -57,24 +68,17 @@ pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::R
             };
             let server = metrics::serve(addr, metrics, bus.clone(), shutdown.clone())
                 .await
-                .map_err(|e| rocket_error(&e))
-                .context("DOWNLOADER_METRICS_ADDR")?;
-            tracing::info!(%addr, "Health and metrics served.");
+                .with_context(|| format!("DOWNLOADER_METRICS_ADDR {addr}"))?;
+            tracing::info!(addr = %server.addr, "Health and metrics served.");
             tokio::select! {
                 r = service => Ok(r?),
-                r = server => match r {
+                r = server.task => match r {
                     Ok(Ok(())) if shutdown.is_cancelled() => Ok(()),
                     Ok(Ok(())) => Err(anyhow::anyhow!("the metrics server stopped")),
-                    Ok(Err(e)) => Err(rocket_error(&e)).with_context(|| format!("DOWNLOADER_METRICS_ADDR {addr}")),
+                    Ok(Err(e)) => Err(e).with_context(|| format!("DOWNLOADER_METRICS_ADDR {addr}")),
                     Err(e) => Err(anyhow::anyhow!("the metrics server panicked: {e}")),
                 },
             }
         }
     }
-}
-
-/// Rocket's errors panic when dropped unexamined; turn one into plain text.
-fn rocket_error(e: &rocket::Error) -> anyhow::Error {
-    let _ = e.kind();
-    anyhow::anyhow!("{e}")
 }

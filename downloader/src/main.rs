@@ -2,8 +2,11 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = mnistflow_nats::runtime::init_tracing("mnistflow-downloader")?;
+    if mnistflow_runtime::env::print_env_vars_if_asked(&mnistflow_downloader::Config::env_vars()) {
+        return Ok(());
+    }
+    let _telemetry = mnistflow_runtime::init_tracing("mnistflow-downloader")?;
     let config = mnistflow_downloader::Config::from_env()?;
-    let shutdown = mnistflow_nats::runtime::shutdown_token();
+    let shutdown = mnistflow_runtime::shutdown_token();
     mnistflow_downloader::main_with(config, shutdown).await
 }

@@ -14,12 +14,13 @@ use std::time::Duration;
 use mnistflow_nats::Bus;
 use mnistflow_nats::async_nats;
 use mnistflow_nats::streams::WORK_CONSUMERS;
+use mnistflow_runtime::http::{self, OpenMetrics, ServeError, Served};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rocket::http::{ContentType, Status};
+use rocket::http::Status;
 use rocket::{Build, Rocket, State, get, routes};
 use tokio_util::sync::CancellationToken;
 
@@ -194,51 +195,30 @@ fn readyz(state: &State<HttpState>) -> (Status, String) {
 }
 
 #[get("/metrics")]
-async fn metrics_text(state: &State<HttpState>) -> (ContentType, String) {
+async fn metrics_text(state: &State<HttpState>) -> OpenMetrics {
     state.metrics.read_work_queues(&state.bus).await;
-    let content_type =
-        ContentType::new("application", "openmetrics-text").with_params([("version", "1.0.0"), ("charset", "utf-8")]);
-    (content_type, state.metrics.encode())
+    OpenMetrics(state.metrics.encode())
 }
 
 /// The health and metrics application, unlaunched (tests use Rocket's local client).
 pub fn rocket(addr: SocketAddr, metrics: std::sync::Arc<Metrics>, bus: Bus) -> Rocket<Build> {
-    let config = rocket::Config {
-        address: addr.ip(),
-        port: addr.port(),
-        log_level: rocket::config::LogLevel::Off,
-        // Our CancellationToken owns the signals.
-        shutdown: rocket::config::Shutdown {
-            ctrlc: false,
-            #[cfg(unix)]
-            signals: std::collections::HashSet::new(),
-            grace: 1,
-            mercy: 1,
-            ..Default::default()
-        },
-        ..rocket::Config::default()
-    };
-    rocket::custom(config).manage(HttpState { metrics, bus }).mount("/", routes![healthz, readyz, metrics_text])
+    rocket::custom(http::config(addr, Duration::from_secs(1)))
+        .manage(HttpState { metrics, bus })
+        .mount("/", routes![healthz, readyz, metrics_text])
 }
 
-/// Serves health and metrics on `addr` until `shutdown`. The task ends with an
-/// error if the address cannot be bound, so the caller can stop the service.
+/// Serves health and metrics on `addr` until `shutdown`; returns once it
+/// listens, with the address it bound (port 0 picks a free one).
 ///
 /// # Errors
-/// Rocket rejects the configuration.
+/// Rocket rejects the configuration or the address cannot be bound.
 pub async fn serve(
     addr: SocketAddr,
     metrics: std::sync::Arc<Metrics>,
     bus: Bus,
     shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<Result<(), rocket::Error>>, rocket::Error> {
-    let ignited = rocket(addr, metrics, bus).ignite().await?;
-    let handle = ignited.shutdown();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        handle.notify();
-    });
-    Ok(tokio::spawn(async move { ignited.launch().await.map(drop) }))
+) -> Result<Served, ServeError> {
+    http::launch(rocket(addr, metrics, bus), shutdown).await
 }
 
 #[cfg(test)]

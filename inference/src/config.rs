@@ -26,8 +26,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use mnistflow_nats::config::{flag, var, var_or};
 use mnistflow_nats::{ConfigError, ModelVersion, NatsConfig};
+use mnistflow_runtime::env::{self, flag, positive, positive_secs, var, var_or};
 use mnistflow_torch::Precision;
 
 /// The default decode budget, sized to a 1 GiB pod (k8s/base/inference.yaml):
@@ -112,6 +112,38 @@ pub enum Role {
 }
 
 impl Config {
+    /// The variables [`Config::from_lookup`] reads itself (the `NATS_*` ones are
+    /// [`NatsConfig::ENV_VARS`]).
+    pub const ENV_VARS: &'static [&'static str] = &[
+        "INFERENCE_ROLE",
+        "INFERENCE_ADDRESS",
+        "INFERENCE_PORT",
+        "INFERENCE_WORKERS",
+        "INFERENCE_MAX_BATCH",
+        "INFERENCE_MAX_WAIT_MS",
+        "INFERENCE_QUEUE_CAPACITY",
+        "INFERENCE_TORCH_THREADS",
+        "INFERENCE_MAX_BODY_BYTES",
+        "INFERENCE_MAX_PIXELS",
+        "INFERENCE_MAX_DIMENSION",
+        "INFERENCE_DECODE_BUDGET_BYTES",
+        "INFERENCE_MAX_MODEL_BYTES",
+        "INFERENCE_PRECISION",
+        "INFERENCE_REQUEST_TIMEOUT_MS",
+        "INFERENCE_MODEL_VERSION",
+        "INFERENCE_POLL_SECS",
+        "INFERENCE_DRAIN_SECS",
+        "INFERENCE_INSTANCE",
+        "HOSTNAME",
+        "INFERENCE_PROMOTER",
+    ];
+
+    /// Every variable this binary reads: the process's, NATS', the store's, its own
+    /// (`--print-env-vars` prints them; `k8s/check` compares them with the manifests).
+    pub fn env_vars() -> Vec<&'static str> {
+        env::env_vars(&[env::PROCESS_VARS, NatsConfig::ENV_VARS, env::STORE_VARS, Self::ENV_VARS])
+    }
+
     /// Reads the process environment.
     ///
     /// # Errors
@@ -126,17 +158,13 @@ impl Config {
     /// A variable is malformed or out of range; the error names it.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let nats = NatsConfig::from_lookup(&lookup)?.with_client_name("mnistflow-inference");
-        let store_url =
-            lookup("STORE_URL").filter(|v| !v.trim().is_empty()).unwrap_or_else(|| ".mnistflow/store".into());
+        let store_url = env::store_url(&lookup);
         let cpus = std::thread::available_parallelism().map_or(2, usize::from);
-        let positive = |name: &str, v: u64| {
-            if v == 0 { Err(ConfigError::new(name, "must be greater than 0")) } else { Ok(v) }
-        };
-        let max_batch = positive("INFERENCE_MAX_BATCH", var_or(&lookup, "INFERENCE_MAX_BATCH", 32)?)?;
+        let max_batch: u64 = positive(&lookup, "INFERENCE_MAX_BATCH", 32)?;
         if max_batch > 4096 {
             return Err(ConfigError::new("INFERENCE_MAX_BATCH", "must be at most 4096"));
         }
-        let queue_capacity = positive("INFERENCE_QUEUE_CAPACITY", var_or(&lookup, "INFERENCE_QUEUE_CAPACITY", 1024)?)?;
+        let queue_capacity: u64 = positive(&lookup, "INFERENCE_QUEUE_CAPACITY", 1024)?;
         let batch = BatchConfig {
             max_batch: max_batch as usize,
             max_wait: Duration::from_millis(var_or(&lookup, "INFERENCE_MAX_WAIT_MS", 2)?),
@@ -144,24 +172,12 @@ impl Config {
             torch_threads: var_or(&lookup, "INFERENCE_TORCH_THREADS", 0)?,
         };
         let limits = Limits {
-            max_body_bytes: positive(
-                "INFERENCE_MAX_BODY_BYTES",
-                var_or(&lookup, "INFERENCE_MAX_BODY_BYTES", Limits::default().max_body_bytes)?,
-            )?,
-            max_pixels: positive(
-                "INFERENCE_MAX_PIXELS",
-                var_or(&lookup, "INFERENCE_MAX_PIXELS", Limits::default().max_pixels)?,
-            )?,
-            max_dimension: positive(
-                "INFERENCE_MAX_DIMENSION",
-                var_or(&lookup, "INFERENCE_MAX_DIMENSION", u64::from(Limits::default().max_dimension))?,
-            )?
-            .try_into()
-            .map_err(|_| ConfigError::new("INFERENCE_MAX_DIMENSION", "too large"))?,
-            decode_budget_bytes: positive(
-                "INFERENCE_DECODE_BUDGET_BYTES",
-                var_or(&lookup, "INFERENCE_DECODE_BUDGET_BYTES", DEFAULT_DECODE_BUDGET_BYTES)?,
-            )?,
+            max_body_bytes: positive(&lookup, "INFERENCE_MAX_BODY_BYTES", Limits::default().max_body_bytes)?,
+            max_pixels: positive(&lookup, "INFERENCE_MAX_PIXELS", Limits::default().max_pixels)?,
+            max_dimension: positive(&lookup, "INFERENCE_MAX_DIMENSION", u64::from(Limits::default().max_dimension))?
+                .try_into()
+                .map_err(|_| ConfigError::new("INFERENCE_MAX_DIMENSION", "too large"))?,
+            decode_budget_bytes: positive(&lookup, "INFERENCE_DECODE_BUDGET_BYTES", DEFAULT_DECODE_BUDGET_BYTES)?,
         };
         let pinned_version: Option<String> = var(&lookup, "INFERENCE_MODEL_VERSION")?;
         let pinned_version = match pinned_version {
@@ -169,14 +185,6 @@ impl Config {
                 return Err(ConfigError::new("INFERENCE_MODEL_VERSION", format!("{v:?} is not a valid version name")));
             }
             other => other.map(ModelVersion),
-        };
-        let secs = |name: &str, default: f64| -> Result<Duration, ConfigError> {
-            let v: f64 = var_or(&lookup, name, default)?;
-            if v.is_finite() && v > 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(ConfigError::new(name, "must be a positive number of seconds"))
-            }
         };
         let instance = lookup("INFERENCE_INSTANCE")
             .or_else(|| lookup("HOSTNAME"))
@@ -188,17 +196,14 @@ impl Config {
             store_url,
             address: var_or(&lookup, "INFERENCE_ADDRESS", IpAddr::from([0, 0, 0, 0]))?,
             port: var_or(&lookup, "INFERENCE_PORT", 8080)?,
-            workers: positive("INFERENCE_WORKERS", var_or(&lookup, "INFERENCE_WORKERS", cpus as u64)?)? as usize,
+            workers: positive(&lookup, "INFERENCE_WORKERS", cpus)?,
             batch,
             limits,
             precision: var_or(&lookup, "INFERENCE_PRECISION", Precision::Auto)?.resolve(tch::Device::Cpu),
-            request_timeout: Duration::from_millis(positive(
-                "INFERENCE_REQUEST_TIMEOUT_MS",
-                var_or(&lookup, "INFERENCE_REQUEST_TIMEOUT_MS", 10_000)?,
-            )?),
+            request_timeout: Duration::from_millis(positive(&lookup, "INFERENCE_REQUEST_TIMEOUT_MS", 10_000)?),
             pinned_version,
-            poll: secs("INFERENCE_POLL_SECS", 5.0)?,
-            drain: secs("INFERENCE_DRAIN_SECS", 20.0)?,
+            poll: positive_secs(&lookup, "INFERENCE_POLL_SECS", 5.0)?,
+            drain: positive_secs(&lookup, "INFERENCE_DRAIN_SECS", 20.0)?,
             instance,
             promoter: flag(&lookup, "INFERENCE_PROMOTER", true)?,
             role: match lookup("INFERENCE_ROLE").as_deref().map(str::trim) {
@@ -208,13 +213,7 @@ impl Config {
                     return Err(ConfigError::new("INFERENCE_ROLE", format!("{other:?} is not serve or promoter")));
                 }
             },
-            max_model_bytes: {
-                let max: u64 = var_or(&lookup, "INFERENCE_MAX_MODEL_BYTES", 64 * 1024 * 1024)?;
-                if max == 0 {
-                    return Err(ConfigError::new("INFERENCE_MAX_MODEL_BYTES", "must be at least 1"));
-                }
-                max
-            },
+            max_model_bytes: positive(&lookup, "INFERENCE_MAX_MODEL_BYTES", 64 * 1024 * 1024)?,
         })
     }
 }
@@ -275,5 +274,12 @@ mod tests {
             let err = Config::from_lookup(env(pairs)).unwrap_err();
             assert_eq!(err.var, name, "{value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_variable_list_names_exactly_what_is_read() {
+        mnistflow_runtime::env::assert_lists_exactly(&Config::env_vars(), &[], |lookup| {
+            Config::from_lookup(lookup).unwrap();
+        });
     }
 }

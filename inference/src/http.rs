@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mnistflow_nats::{PredictError, Prediction, telemetry};
+use mnistflow_runtime::http::OpenMetrics;
 use rocket::data::{Capped, Data, ToByteUnit};
 use rocket::form::error::ErrorKind;
 use rocket::form::{Errors, Form, FromForm};
@@ -222,10 +223,8 @@ fn readyz(service: &State<Arc<Service>>) -> (Status, Json<Value>) {
 }
 
 #[get("/metrics")]
-fn metrics(service: &State<Arc<Service>>) -> (ContentType, String) {
-    let ct =
-        ContentType::new("application", "openmetrics-text").with_params([("version", "1.0.0"), ("charset", "utf-8")]);
-    (ct, service.metrics.encode())
+fn metrics(service: &State<Arc<Service>>) -> OpenMetrics {
+    OpenMetrics(service.metrics.encode())
 }
 
 #[catch(default)]
@@ -247,20 +246,10 @@ pub fn routes() -> Vec<rocket::Route> {
 /// `Rocket.toml`, no `ROCKET_*` variables), signals left to our own shutdown token.
 pub fn rocket(service: Arc<Service>, config: &Config) -> Rocket<Build> {
     let body = config.limits.max_body_bytes.bytes();
-    let mut rc = rocket::Config {
-        address: config.address,
-        port: config.port,
-        workers: config.workers,
-        limits: rocket::data::Limits::default().limit("bytes", body).limit("data-form", body).limit("file", body),
-        log_level: rocket::config::LogLevel::Critical,
-        cli_colors: false,
-        ident: rocket::config::Ident::try_new("mnistflow-inference").unwrap_or_default(),
-        ..rocket::Config::default()
-    };
-    rc.shutdown.ctrlc = false;
-    #[cfg(unix)]
-    rc.shutdown.signals.clear();
-    rc.shutdown.grace = config.drain.as_secs().max(1) as u32;
+    let mut rc = mnistflow_runtime::http::config(std::net::SocketAddr::new(config.address, config.port), config.drain);
+    rc.workers = config.workers;
+    rc.limits = rocket::data::Limits::default().limit("bytes", body).limit("data-form", body).limit("file", body);
+    rc.ident = rocket::config::Ident::try_new("mnistflow-inference").unwrap_or_default();
     rc.shutdown.mercy = 2;
     rocket::custom(rc).manage(service).mount("/", routes()).register("/", catchers![catch_all])
 }

@@ -32,7 +32,6 @@ use std::thread::JoinHandle;
 use anyhow::Context;
 use mnistflow_nats::Bus;
 use mnistflow_store::Store;
-use rocket::fairing::AdHoc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -114,36 +113,18 @@ impl App {
             shutdown.clone(),
         ));
 
-        let (port_tx, port_rx) = tokio::sync::oneshot::channel();
-        let rocket = http::rocket(service.clone(), &config)
-            .attach(AdHoc::on_liftoff("Report the bound port", move |rocket| {
-                let port = rocket.config().port;
-                Box::pin(async move {
-                    let _ = port_tx.send(port);
-                })
-            }))
-            .ignite()
-            .await
-            .context("configuring the HTTP server")?;
-        let handle = rocket.shutdown();
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            trigger.cancelled().await;
-            handle.notify();
+        let served =
+            match mnistflow_runtime::http::launch(http::rocket(service.clone(), &config), shutdown.clone()).await {
+                Ok(served) => served,
+                Err(e) => {
+                    shutdown.cancel();
+                    return Err(anyhow::Error::new(e).context("HTTP server"));
+                }
+            };
+        let http_addr = served.addr;
+        let server = tokio::spawn(async move {
+            served.task.await.map_err(|e| anyhow::anyhow!("HTTP server task: {e}"))?.context("HTTP server")
         });
-        let mut server =
-            tokio::spawn(
-                async move { rocket.launch().await.map(drop).map_err(|e| anyhow::anyhow!("HTTP server: {e}")) },
-            );
-        let port = tokio::select! {
-            port = port_rx => port.context("the HTTP server stopped before listening")?,
-            result = &mut server => {
-                shutdown.cancel();
-                result??;
-                anyhow::bail!("the HTTP server stopped before listening");
-            }
-        };
-        let http_addr = SocketAddr::new(config.address, port);
         info!(
             %http_addr,
             instance = %config.instance,
@@ -201,10 +182,20 @@ impl App {
 /// # Errors
 /// NATS unreachable, the store URL unsupported, or the server failed.
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if config.role == config::Role::Promoter {
-        return promoter::serve(config, shutdown).await;
-    }
     let store = Store::open(&config.store_url)?;
     let bus = Bus::connect(&config.nats, &shutdown).await?;
+    run(config, bus, store, shutdown).await
+}
+
+/// The stage on its resources (`mnistflow up` hands every stage the same bus and
+/// store): serves (or, with `INFERENCE_ROLE=promoter`, promotes) until
+/// `shutdown`, then drains.
+///
+/// # Errors
+/// As [`App::start`] and [`App::wait`], or [`promoter::serve`].
+pub async fn run(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.role == config::Role::Promoter {
+        return promoter::serve(config, bus, store, shutdown).await;
+    }
     App::start(config, bus, store, shutdown).await?.wait().await
 }

@@ -8,6 +8,7 @@
 //! never write a model or `CURRENT`. Locally (`mnistflow up`, tests) every
 //! inference instance also runs it (`INFERENCE_PROMOTER`, default true).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
@@ -18,40 +19,29 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::Config;
 
-/// The promoter process: connects as its own identity (it creates the streams
-/// and consumers), consumes `model.promote` until `shutdown`, and answers
+/// The promoter process, on its bus (its own identity: it creates the streams
+/// and consumers) and store: consumes `model.promote` until `shutdown`, and answers
 /// `GET /healthz` and `GET /readyz` (NATS connected) on `INFERENCE_PORT`. No
 /// model is loaded and no image is parsed here.
 ///
 /// # Errors
 /// The store URL is unsupported, NATS unreachable, set-up refused, or the HTTP
 /// server cannot bind.
-pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::open(&config.store_url)?;
-    let bus = Bus::connect(&config.nats, &shutdown).await?;
+pub async fn serve(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     bus.ensure_streams().await?;
     let consumer = tokio::spawn(run(bus.clone(), store, shutdown.clone()));
-    let mut rc = rocket::Config {
-        address: config.address,
-        port: config.port,
-        workers: 2,
-        log_level: rocket::config::LogLevel::Critical,
-        cli_colors: false,
-        ident: rocket::config::Ident::try_new("mnistflow-promoter").unwrap_or_default(),
-        ..rocket::Config::default()
+    let mut rc = mnistflow_runtime::http::config(SocketAddr::new(config.address, config.port), Duration::from_secs(1));
+    rc.workers = 2;
+    rc.ident = rocket::config::Ident::try_new("mnistflow-promoter").unwrap_or_default();
+    let rocket = rocket::custom(rc).manage(bus).mount("/", rocket::routes![healthz, readyz]);
+    let served = mnistflow_runtime::http::launch(rocket, shutdown.clone()).await;
+    let served = match served {
+        Ok(served) => {
+            info!(addr = %served.addr, "Promoter serving.");
+            served.task.await.map_err(|e| anyhow::anyhow!("HTTP server task: {e}")).and_then(|r| Ok(r?))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("HTTP server")),
     };
-    rc.shutdown.ctrlc = false;
-    rc.shutdown.grace = 1;
-    rc.shutdown.mercy = 1;
-    let rocket = rocket::custom(rc).manage(bus).mount("/", rocket::routes![healthz, readyz]).ignite().await?;
-    let handle = rocket.shutdown();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        trigger.cancelled().await;
-        handle.notify();
-    });
-    info!(address = %config.address, port = config.port, "Promoter serving.");
-    let served = rocket.launch().await.map(drop).map_err(|e| anyhow::anyhow!("HTTP server: {e}"));
     shutdown.cancel();
     match tokio::time::timeout(config.drain, consumer).await {
         Ok(Ok(Err(e))) => error!(error = %e, "The model.promote consumer stopped."),

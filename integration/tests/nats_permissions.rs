@@ -415,6 +415,6 @@ async fn the_backup_identity_reads_every_stream_and_can_change_nothing() {
 }
 
 /// An error with its causes, as `main` prints it.
-fn chain(error: &dyn std::error::Error) -> String {
-    std::iter::successors(Some(error), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ")
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    mnistflow_nats::error_chain_text(error)
 }

@@ -33,7 +33,7 @@ fn exported() -> &'static Exported {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             let collector = runtime.block_on(OtlpCollector::start());
             let endpoint = collector.endpoint();
-            let telemetry = mnistflow_nats::runtime::init_tracing_from_lookup("mnistflow-test", "error", &|key| {
+            let telemetry = mnistflow_runtime::init_tracing_from_lookup("mnistflow-test", "error", &|key| {
                 (key == ENDPOINT_VAR).then(|| endpoint.clone())
             })
             .unwrap();

@@ -18,7 +18,8 @@
              as the ScaledJob's template, but for its longer request wait
   grace      each pod's terminationGracePeriodSeconds exceeds its preStop sleep
              plus the service's own drain deadline from the ConfigMap
-  env        every environment variable the services' code reads is set by the
+  env        every environment variable a stage binary reads (its own list,
+             `<binary> --print-env-vars`, built from its Config) is set by the
              ConfigMap/Secret or a container, or listed in base/optional-env.txt;
              every key we set is read by some code; no stale optional entries
   nats-cluster  in every overlay the StatefulSet is a cluster that survives a lost
@@ -92,6 +93,7 @@ Usage: manifests.py OUT_DIR [--run]   (rendered YAML is left in OUT_DIR for chec
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -115,8 +117,6 @@ NATS_BIN = TOOLS / "bin" / "nats-server"
 # The oldest version we support (GKE's stable channel when this was written) and the newest schema shipped.
 KUBE_VERSIONS = ["1.33.0", "1.37.0"]
 # Crates whose binaries run in the cluster, and the foundation code they share.
-SERVICE_CRATES = ["nats", "store", "downloader", "trainer", "inference", "web"]
-ENV_PREFIXES = ("NATS_", "STORE_", "DOWNLOADER_", "TRAINER_", "INFERENCE_", "WEB_")
 
 failures: list[str] = []
 
@@ -301,32 +301,25 @@ def grace(rendered: dict[str, list[dict]]) -> None:
                     fail(what)
 
 
+STAGE_BINARIES = ("downloader", "trainer", "inference", "web")
+
+
+@functools.cache
 def code_env_reads() -> dict[str, set[str]]:
-    """Variable name -> files that read it, from the services' non-test source."""
+    """Variable name -> stage binaries that read it, as each binary lists them itself
+    (`<binary> --print-env-vars`: its Config's list, which a unit test per stage holds
+    to exactly what Config::from_lookup reads). `PREFIX_*` stands for a prefix."""
     reads: dict[str, set[str]] = {}
-    patterns = [
-        re.compile(r'"((?:%s)[A-Z0-9_]+)"' % "|".join(ENV_PREFIXES)),
-        re.compile(r'lookup\(\s*"([A-Z][A-Z0-9_]*)"\s*\)'),
-        re.compile(r'env::var(?:_os)?\(\s*"([A-Z][A-Z0-9_]*)"\s*\)'),
-        re.compile(r'(?:var|var_or|flag|secs|positive_secs)\(\s*&?\w+\s*,\s*"([A-Z][A-Z0-9_]*)"'),
-        re.compile(r'starts_with\("([A-Z][A-Z0-9]*_)"\)'),  # env::vars() filtered by prefix: AWS_, GOOGLE_
-    ]
-    for crate in SERVICE_CRATES:
-        for path in sorted((ROOT / crate / "src").rglob("*.rs")):
-            text = path.read_text()
-            # Unit tests live in a trailing `#[cfg(test)]` module; their names are not reads.
-            text = text.split("#[cfg(test)]", 1)[0]
-            rel = str(path.relative_to(ROOT))
-            for pattern in patterns:
-                for m in pattern.finditer(text):
-                    name = m.group(1)
-                    if name.endswith("_") and pattern is patterns[-1]:
-                        name += "*"
-                    elif name.endswith("_"):
-                        continue
-                    reads.setdefault(name, set()).add(rel)
-            if "from_default_env" in text:  # tracing's EnvFilter reads RUST_LOG
-                reads.setdefault("RUST_LOG", set()).add(rel)
+    for binary in STAGE_BINARIES:
+        path = ROOT / "target" / "debug" / binary
+        if not path.is_file():
+            sys.exit(f"{path} is missing: build the stage binaries first (k8s/check does)")
+        listed = subprocess.run([str(path), "--print-env-vars"], capture_output=True, text=True, timeout=60,
+                                check=True, env={"PATH": os.environ.get("PATH", "")}).stdout.split()
+        if not listed:
+            sys.exit(f"{binary} --print-env-vars printed nothing")
+        for name in listed:
+            reads.setdefault(name, set()).add(binary)
     return reads
 
 
@@ -377,7 +370,7 @@ def env(rendered: dict[str, list[dict]]) -> None:
     for n in both:
         fail(f"{n} is both set by the manifests and listed as optional")
     if not (missing or unread or stale or both):
-        ok(f"{len(reads)} variables read by {', '.join(SERVICE_CRATES)}: "
+        ok(f"{len(reads)} variables listed by the stage binaries ({', '.join(STAGE_BINARIES)}): "
            f"{len(set_names & set(reads))} set by the manifests, {len(optional)} documented optional")
 
 

@@ -4,6 +4,7 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
@@ -101,6 +102,8 @@ pub struct Bus {
     setup: bool,
     setup_wait: Duration,
     violations: Violations,
+    /// Set by [`Bus::close`]: the disconnection that follows is ours, not news.
+    closing: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -125,9 +128,10 @@ impl Bus {
         let (disconnected, disconnections) = watch::channel(0u64);
         let disconnected = std::sync::Arc::new(disconnected);
         let violations = Violations::new(config.user.as_deref());
+        let closing = Arc::new(AtomicBool::new(false));
         loop {
             attempts += 1;
-            let options = options(config, disconnected.clone(), violations.clone()).await?;
+            let options = options(config, disconnected.clone(), violations.clone(), closing.clone()).await?;
             match options.connect(config.servers.clone()).await {
                 Ok(client) => {
                     info!(%url, attempts, server = %client.server_info().server_name, "Connected to NATS.");
@@ -138,6 +142,7 @@ impl Bus {
                     bus.setup = config.setup;
                     bus.setup_wait = config.connect_timeout;
                     bus.violations = violations;
+                    bus.closing = closing;
                     return Ok(bus);
                 }
                 Err(e) => {
@@ -179,7 +184,19 @@ impl Bus {
             setup: true,
             setup_wait: Duration::from_secs(60),
             violations: Violations::new(None),
+            closing: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Closes the connection (every clone's) after flushing what was published:
+    /// the last step of a process that stops, before a server it manages goes
+    /// away. The disconnection that follows is logged at debug, not as a warning.
+    ///
+    /// # Errors
+    /// The connection could not be drained.
+    pub async fn close(&self) -> Result<(), async_nats::client::DrainError> {
+        self.closing.store(true, Ordering::SeqCst);
+        self.client.drain().await
     }
 
     /// The permission violations the server reported to this connection
@@ -379,10 +396,22 @@ impl Bus {
     }
 }
 
+/// `error` and its causes, outermost first.
+pub fn error_chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// `error` and its causes in one line, joined by `: ` (what a log line or a test
+/// message should show of an error whose causes are sources).
+pub fn error_chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    error_chain(error).map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
+
 /// Whether a set-up failure is a JetStream request that got no answer in time.
 fn timed_out(error: &BusError) -> bool {
-    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
-        .any(|e| e.to_string().contains("timed out"))
+    error_chain(error).any(|e| e.to_string().contains("timed out"))
 }
 
 /// Picks rustls' crypto provider for the process once. async-nats builds its TLS
@@ -401,6 +430,7 @@ async fn options(
     config: &NatsConfig,
     disconnected: Arc<watch::Sender<u64>>,
     violations: Violations,
+    closing: Arc<AtomicBool>,
 ) -> Result<ConnectOptions, BusError> {
     install_tls_provider();
     let mut options = ConnectOptions::new()
@@ -410,8 +440,12 @@ async fn options(
         .event_callback(move |event| {
             let disconnected = disconnected.clone();
             let violations = violations.clone();
+            let closing = closing.clone();
             async move {
                 match event {
+                    async_nats::Event::Disconnected if closing.load(Ordering::SeqCst) => {
+                        debug!("NATS connection closed.");
+                    }
                     async_nats::Event::Disconnected => {
                         disconnected.send_modify(|n| *n += 1);
                         warn!("Disconnected from NATS, reconnecting.");

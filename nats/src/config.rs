@@ -144,6 +144,24 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
+    /// Every variable [`NatsConfig::from_lookup`] reads.
+    pub const ENV_VARS: &'static [&'static str] = &[
+        "NATS_URL",
+        "NATS_PREFIX",
+        "NATS_USER",
+        "NATS_PASSWORD",
+        "NATS_TOKEN",
+        "NATS_CREDS",
+        "NATS_TLS_CA",
+        "NATS_TLS_CERT",
+        "NATS_TLS_KEY",
+        "NATS_CONNECT_TIMEOUT_SECS",
+        "NATS_STREAM_REPLICAS",
+        "NATS_PUBLISH_RETRY_SECS",
+        "NATS_RETAIN_SERVERS_ORDER",
+        "NATS_SETUP",
+    ];
+
     /// Settings for a server at `url` with defaults for everything else (tests, tools).
     ///
     /// # Errors

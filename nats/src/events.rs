@@ -320,7 +320,7 @@ impl PredictError {
 
     /// A busy answer (503): the request may succeed if sent again after `retry_after_secs`.
     pub fn busy(message: impl Into<String>, retry_after_secs: u32) -> Self {
-        Self { error: ErrorBody { code: 503, message: message.into(), retry_after_secs: Some(retry_after_secs) } }
+        Self::new(503, message).with_retry_after(Some(retry_after_secs))
     }
 
     /// What kind of refusal this is, for a caller that answers it in turn.

@@ -18,7 +18,6 @@
 //!   delivery-derived ids of commands and their answers.
 //! - [`redact`]: credentials removed from text bound for events and logs.
 //! - [`config`]: `NATS_URL`, credentials and the subject prefix from the environment.
-//! - [`runtime`]: process plumbing shared by every binary (tracing, shutdown).
 //! - [`telemetry`]: trace export over OTLP and W3C trace context in HTTP and NATS headers.
 
 pub mod bus;
@@ -29,13 +28,15 @@ pub mod permissions;
 pub mod predict;
 pub mod redact;
 pub mod replay;
-pub mod runtime;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
 pub mod work;
 
-pub use bus::{Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions};
+pub use bus::{
+    Bus, BusError, Delivery, Published, Received, TypedSubscriber, WorkQueue, WorkQueueOptions, error_chain,
+    error_chain_text,
+};
 pub use config::{ConfigError, NatsConfig};
 pub use events::*;
 pub use ids::{DatasetId, EventId, ModelVersion, RunId};

@@ -39,7 +39,8 @@ pub const SERVICE_NAME_VAR: &str = "OTEL_SERVICE_NAME";
 /// Set once an exporting layer is installed: the propagation helpers do nothing before.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn set_enabled() {
+/// Switches the propagation helpers on (`mnistflow-runtime` calls it once it installed the exporting layer).
+pub fn set_enabled() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
@@ -108,7 +109,8 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
-    pub(crate) fn new(provider: Option<SdkTracerProvider>) -> Self {
+    /// A guard over `provider` (built by `mnistflow-runtime`'s tracing set-up).
+    pub fn new(provider: Option<SdkTracerProvider>) -> Self {
         Self { provider }
     }
 
@@ -138,8 +140,8 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// The OpenTelemetry layer over `provider`, for [`crate::runtime`] to install.
-pub(crate) fn layer<S>(provider: &SdkTracerProvider) -> impl tracing_subscriber::Layer<S> + use<S>
+/// The OpenTelemetry layer over `provider`, for `mnistflow-runtime`'s tracing set-up to install.
+pub fn layer<S>(provider: &SdkTracerProvider) -> impl tracing_subscriber::Layer<S> + use<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {

@@ -93,10 +93,7 @@ async fn works(bus: &Bus) {
 fn refused(result: Result<Bus, BusError>, what: &str) -> String {
     match result {
         Ok(_) => panic!("{what}: connected"),
-        Err(e) => std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(": "),
+        Err(e) => mnistflow_nats::error_chain_text(&e),
     }
 }
 

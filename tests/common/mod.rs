@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
@@ -47,6 +48,12 @@ impl Up {
     /// `mnistflow up --home home` with free ports, MNIST from the local copy, a
     /// short training run that is sure to be promoted, and `env` on top.
     pub fn start(home: &Path, log: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(home, log, env, &[])
+    }
+
+    /// [`Up::start`] with more arguments (`--no-bootstrap`). `up` runs in a
+    /// process group of its own, as a shell runs a command in the foreground.
+    pub fn start_with(home: &Path, log: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
         let (nats, web, inference) = (free_port(), free_port(), free_port());
         let log_path = home.join(log);
         let child = Command::new(env!("CARGO_BIN_EXE_mnistflow"))
@@ -54,17 +61,21 @@ impl Up {
             .arg(home)
             .args(["--nats-port", &nats.to_string(), "--web-port", &web.to_string()])
             .args(["--inference-port", &inference.to_string()])
+            .args(args)
             .env_remove("NATS_URL")
             .env_remove("STORE_URL")
             .env("DOWNLOADER_MIRRORS", format!("file://{}/", mnist_dir().display()))
-            // Short and sure to be promoted; one thread (tests run side by side); no fixed ports.
+            // Short and sure to be promoted; one thread (tests run side by side). The
+            // metrics listeners are up's own (free ports).
             .env("TRAINER_MAX_MINUTES", "0.1")
             .env("TRAINER_ACCURACY_FLOOR", "0.5")
             .env("TRAINER_THREADS", "1")
-            .env("DOWNLOADER_METRICS_ADDR", "off")
-            .env("TRAINER_METRICS_ADDR", "off")
-            .env("WEB_METRICS_ADDR", "off")
+            .env_remove("DOWNLOADER_METRICS_ADDR")
+            .env_remove("TRAINER_METRICS_ADDR")
+            .env_remove("WEB_METRICS_ADDR")
+            .env_remove("LOG_FORMAT")
             .envs(env.iter().copied())
+            .process_group(0)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
@@ -93,9 +104,11 @@ impl Up {
         }
     }
 
-    /// Ctrl-C, then waits (60 s at most) for the exit; returns it with the log.
+    /// Ctrl-C as a terminal sends it (SIGINT to the whole foreground process
+    /// group), then waits (60 s at most) for the exit; returns it with the log.
     pub fn interrupt(mut self) -> (ExitStatus, String) {
-        assert!(Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap().success());
+        let group = format!("-{}", self.child.id());
+        assert!(Command::new("kill").args(["-INT", "--", &group]).status().unwrap().success());
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {

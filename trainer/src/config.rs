@@ -27,8 +27,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mnistflow_nats::config::{listen_addr, var, var_or};
 use mnistflow_nats::{ConfigError, NatsConfig};
+use mnistflow_runtime::env::{self, listen_addr, positive, positive_secs as secs, var, var_or};
 
 use crate::params::{DeviceChoice, OptimizerKind, Precision, Preset};
 
@@ -110,6 +110,36 @@ pub struct Config {
 }
 
 impl Config {
+    /// The variables [`Config::from_lookup`] reads itself (the `NATS_*` ones are
+    /// [`NatsConfig::ENV_VARS`]).
+    pub const ENV_VARS: &'static [&'static str] = &[
+        "TRAINER_MODE",
+        "TRAINER_JOB_WAIT_SECS",
+        "TRAINER_EPOCHS",
+        "TRAINER_BATCH_SIZE",
+        "TRAINER_LR",
+        "TRAINER_OPTIMIZER",
+        "TRAINER_SEED",
+        "TRAINER_DEVICE",
+        "TRAINER_MAX_MINUTES",
+        "TRAINER_PRECISION",
+        "TRAINER_ACCURACY_FLOOR",
+        "TRAINER_TOLERANCE",
+        "TRAINER_ACK_WAIT_SECS",
+        "TRAINER_MAX_DELIVER",
+        "TRAINER_RETRY_DELAY_SECS",
+        "TRAINER_PROGRESS_SECS",
+        "TRAINER_THREADS",
+        "TRAINER_METRICS_ADDR",
+        "TRAINER_PROGRESS_BAR",
+    ];
+
+    /// Every variable this binary reads: the process's, NATS', the store's, its own
+    /// (`--print-env-vars` prints them; `k8s/check` compares them with the manifests).
+    pub fn env_vars() -> Vec<&'static str> {
+        env::env_vars(&[env::PROCESS_VARS, NatsConfig::ENV_VARS, env::STORE_VARS, Self::ENV_VARS])
+    }
+
     /// Reads the process environment.
     ///
     /// # Errors
@@ -124,18 +154,11 @@ impl Config {
     /// A variable is malformed; the error names it.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let nats = NatsConfig::from_lookup(&lookup)?.with_client_name("mnistflow-trainer");
-        let store_url = lookup("STORE_URL")
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| ".mnistflow/store".into());
+        let store_url = env::store_url(&lookup);
 
         let mut preset = Preset::default_preset();
-        if let Some(epochs) = var::<i64>(&lookup, "TRAINER_EPOCHS")? {
-            preset.epochs = positive("TRAINER_EPOCHS", epochs)?;
-        }
-        if let Some(batch) = var::<i64>(&lookup, "TRAINER_BATCH_SIZE")? {
-            preset.batch_size = positive("TRAINER_BATCH_SIZE", batch)?;
-        }
+        preset.epochs = positive(&lookup, "TRAINER_EPOCHS", preset.epochs)?;
+        preset.batch_size = positive(&lookup, "TRAINER_BATCH_SIZE", preset.batch_size)?;
         if let Some(lr) = var::<f64>(&lookup, "TRAINER_LR")? {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(ConfigError::new("TRAINER_LR", "must be a positive number"));
@@ -162,10 +185,7 @@ impl Config {
         if !(0.0..=1.0).contains(&tolerance) {
             return Err(ConfigError::new("TRAINER_TOLERANCE", "must be between 0 and 1"));
         }
-        let max_deliver: i64 = var_or(&lookup, "TRAINER_MAX_DELIVER", 5)?;
-        if max_deliver < 1 {
-            return Err(ConfigError::new("TRAINER_MAX_DELIVER", "must be at least 1"));
-        }
+        let max_deliver: i64 = positive(&lookup, "TRAINER_MAX_DELIVER", 5)?;
         let threads: usize = var_or(&lookup, "TRAINER_THREADS", 0)?;
         let metrics_addr = listen_addr(&lookup, "TRAINER_METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9103)))?;
 
@@ -192,21 +212,6 @@ impl Config {
             progress_bar: var_or(&lookup, "TRAINER_PROGRESS_BAR", ProgressBar::Auto)?,
         })
     }
-}
-
-fn positive(name: &str, value: i64) -> Result<u32, ConfigError> {
-    u32::try_from(value)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| ConfigError::new(name, format!("must be a positive integer, got {value}")))
-}
-
-fn secs(lookup: &impl Fn(&str) -> Option<String>, name: &str, default: f64) -> Result<Duration, ConfigError> {
-    let s: f64 = var_or(lookup, name, default)?;
-    if !(s.is_finite() && s > 0.0) {
-        return Err(ConfigError::new(name, "must be a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(s))
 }
 
 #[cfg(test)]
@@ -271,5 +276,12 @@ mod tests {
             let err = Config::from_lookup(env(&[(name, value)])).unwrap_err();
             assert_eq!(err.var, name, "{name}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_variable_list_names_exactly_what_is_read() {
+        mnistflow_runtime::env::assert_lists_exactly(&Config::env_vars(), &[], |lookup| {
+            Config::from_lookup(lookup).unwrap();
+        });
     }
 }

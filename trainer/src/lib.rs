@@ -52,6 +52,16 @@ pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::R
     let store = Store::open(&config.store_url)?;
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     bus.ensure_streams().await?;
+    run(config, bus, store, shutdown).await
+}
+
+/// The stage on its resources (`mnistflow up` hands every stage the same bus and
+/// store): serves metrics (worker mode), then consumes requests until `shutdown`
+/// (worker) or after one request (job).
+///
+/// # Errors
+/// The metrics address is unusable, or (job mode) the request failed transiently.
+pub async fn run(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
     let server = match (config.mode, config.metrics_addr) {
         (Mode::Worker, Some(addr)) => Some(metrics::serve(addr, metrics.clone(), shutdown.clone()).await?.1),

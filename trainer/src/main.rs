@@ -2,8 +2,11 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = mnistflow_nats::runtime::init_tracing("mnistflow-trainer")?;
+    if mnistflow_runtime::env::print_env_vars_if_asked(&mnistflow_trainer::Config::env_vars()) {
+        return Ok(());
+    }
+    let _telemetry = mnistflow_runtime::init_tracing("mnistflow-trainer")?;
     let config = mnistflow_trainer::Config::from_env()?;
-    let shutdown = mnistflow_nats::runtime::shutdown_token();
+    let shutdown = mnistflow_runtime::shutdown_token();
     mnistflow_trainer::main_with(config, shutdown).await
 }

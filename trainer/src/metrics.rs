@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 
+use mnistflow_runtime::http::{self, OpenMetrics, Served};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -130,10 +131,8 @@ impl Metrics {
 }
 
 #[get("/metrics")]
-fn metrics(m: &State<Arc<Metrics>>) -> (ContentType, String) {
-    let ct =
-        ContentType::new("application", "openmetrics-text").with_params([("version", "1.0.0"), ("charset", "utf-8")]);
-    (ct, m.encode())
+fn metrics(m: &State<Arc<Metrics>>) -> OpenMetrics {
+    OpenMetrics(m.encode())
 }
 
 #[get("/healthz")]
@@ -152,44 +151,21 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let figment = rocket::Config::figment()
-        .merge(("address", addr.ip()))
-        .merge(("port", addr.port()))
-        .merge(("log_level", rocket::config::LogLevel::Off))
-        .merge(("cli_colors", false))
-        .merge(("shutdown.ctrlc", false))
-        .merge(("shutdown.signals", Vec::<String>::new()))
-        .merge(("shutdown.grace", 1))
-        .merge(("shutdown.mercy", 1));
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let bound_tx = std::sync::Mutex::new(Some(bound_tx));
-    let rocket = rocket::custom(figment)
+    let rocket = rocket::custom(http::config(addr, std::time::Duration::from_secs(1)))
         .manage(metrics)
-        .mount("/", routes![metrics, healthz])
-        .attach(rocket::fairing::AdHoc::on_liftoff("report port", move |r| {
-            Box::pin(async move {
-                let c = r.config();
-                if let Some(tx) = bound_tx.lock().ok().and_then(|mut g| g.take()) {
-                    let _ = tx.send(SocketAddr::new(c.address, c.port));
-                }
-            })
-        }))
-        .ignite()
-        .await?;
-    let handle = rocket.shutdown();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        handle.notify();
-    });
+        .mount("/", routes![metrics, healthz]);
+    let Served { addr: bound, task } =
+        tokio::time::timeout(std::time::Duration::from_secs(10), http::launch(rocket, shutdown))
+            .await
+            .map_err(|_| anyhow::anyhow!("TRAINER_METRICS_ADDR: {addr} did not start listening within 10 s"))?
+            .map_err(|e| anyhow::anyhow!("TRAINER_METRICS_ADDR: cannot listen on {addr}: {e}"))?;
     let task = tokio::spawn(async move {
-        if let Err(e) = rocket.launch().await {
-            tracing::error!(error = %e, "Metrics server stopped.");
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "Metrics server stopped."),
+            Err(e) => tracing::error!(error = %e, "Metrics server task failed."),
         }
     });
-    let bound = tokio::time::timeout(std::time::Duration::from_secs(10), bound_rx)
-        .await
-        .map_err(|_| anyhow::anyhow!("TRAINER_METRICS_ADDR: {addr} did not start listening within 10 s"))?
-        .map_err(|_| anyhow::anyhow!("TRAINER_METRICS_ADDR: cannot listen on {addr}"))?;
     tracing::info!(addr = %bound, "Metrics and health endpoint listening.");
     Ok((bound, task))
 }

@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use mnistflow_nats::NatsConfig;
-use mnistflow_nats::config::{ConfigError, listen_addr, var_or};
+use mnistflow_runtime::env::{self, ConfigError, listen_addr, positive, var_or};
 use secrecy::{ExposeSecret, SecretString};
 
 /// The shortest admin token accepted: a guessable token is worse than none.
@@ -67,6 +67,33 @@ pub struct Config {
 }
 
 impl Config {
+    /// The variables [`Config::from_lookup`] reads itself (the `NATS_*` ones are
+    /// [`NatsConfig::ENV_VARS`]).
+    pub const ENV_VARS: &'static [&'static str] = &[
+        "WEB_ADDRESS",
+        "WEB_PORT",
+        "WEB_METRICS_ADDR",
+        "WEB_PREDICT_TIMEOUT_MS",
+        "WEB_PREDICT_ATTEMPT_TIMEOUT_MS",
+        "WEB_MAX_UPLOAD_BYTES",
+        "WEB_MAX_PREDICTIONS",
+        "WEB_UPLOAD_TIMEOUT_MS",
+        "WEB_ADMIN_TOKEN",
+        "WEB_ADMIN_MAX_FAILURES",
+        "WEB_ADMIN_LOCKOUT_SECS",
+        "WEB_FORWARDED_FOR_HOPS",
+        "WEB_EVENTS_REPLAY",
+        "WEB_SSE_HEARTBEAT_SECS",
+        "WEB_MAX_EVENT_STREAMS",
+        "WEB_SHUTDOWN_GRACE_SECS",
+    ];
+
+    /// Every variable this binary reads: the process's, NATS', its own
+    /// (`--print-env-vars` prints them; `k8s/check` compares them with the manifests).
+    pub fn env_vars() -> Vec<&'static str> {
+        env::env_vars(&[env::PROCESS_VARS, NatsConfig::ENV_VARS, Self::ENV_VARS])
+    }
+
     /// Reads the process environment.
     ///
     /// # Errors
@@ -94,26 +121,11 @@ impl Config {
                 format!("must not be the page's public port {port}: metrics are kept off the load balancer"),
             ));
         }
-        let timeout_ms: u64 = var_or(&lookup, "WEB_PREDICT_TIMEOUT_MS", 5_000)?;
-        if timeout_ms == 0 {
-            return Err(ConfigError::new("WEB_PREDICT_TIMEOUT_MS", "must be at least 1"));
-        }
-        let attempt_ms: u64 = var_or(&lookup, "WEB_PREDICT_ATTEMPT_TIMEOUT_MS", 2_000)?;
-        if attempt_ms == 0 {
-            return Err(ConfigError::new("WEB_PREDICT_ATTEMPT_TIMEOUT_MS", "must be at least 1"));
-        }
-        let max_upload_bytes: u64 = var_or(&lookup, "WEB_MAX_UPLOAD_BYTES", 1_048_576)?;
-        if max_upload_bytes == 0 {
-            return Err(ConfigError::new("WEB_MAX_UPLOAD_BYTES", "must be at least 1"));
-        }
-        let max_predictions: usize = var_or(&lookup, "WEB_MAX_PREDICTIONS", 64)?;
-        if max_predictions == 0 {
-            return Err(ConfigError::new("WEB_MAX_PREDICTIONS", "must be at least 1"));
-        }
-        let upload_ms: u64 = var_or(&lookup, "WEB_UPLOAD_TIMEOUT_MS", 10_000)?;
-        if upload_ms == 0 {
-            return Err(ConfigError::new("WEB_UPLOAD_TIMEOUT_MS", "must be at least 1"));
-        }
+        let timeout_ms: u64 = positive(&lookup, "WEB_PREDICT_TIMEOUT_MS", 5_000)?;
+        let attempt_ms: u64 = positive(&lookup, "WEB_PREDICT_ATTEMPT_TIMEOUT_MS", 2_000)?;
+        let max_upload_bytes: u64 = positive(&lookup, "WEB_MAX_UPLOAD_BYTES", 1_048_576)?;
+        let max_predictions: usize = positive(&lookup, "WEB_MAX_PREDICTIONS", 64)?;
+        let upload_ms: u64 = positive(&lookup, "WEB_UPLOAD_TIMEOUT_MS", 10_000)?;
         let admin_token = lookup("WEB_ADMIN_TOKEN").filter(|v| !v.trim().is_empty()).map(SecretString::from);
         if let Some(token) = &admin_token {
             let token = token.expose_secret();
@@ -124,14 +136,8 @@ impl Config {
                 ));
             }
         }
-        let admin_max_failures: u32 = var_or(&lookup, "WEB_ADMIN_MAX_FAILURES", 5)?;
-        if admin_max_failures == 0 {
-            return Err(ConfigError::new("WEB_ADMIN_MAX_FAILURES", "must be at least 1"));
-        }
-        let admin_lockout_secs: u64 = var_or(&lookup, "WEB_ADMIN_LOCKOUT_SECS", 900)?;
-        if admin_lockout_secs == 0 {
-            return Err(ConfigError::new("WEB_ADMIN_LOCKOUT_SECS", "must be at least 1"));
-        }
+        let admin_max_failures: u32 = positive(&lookup, "WEB_ADMIN_MAX_FAILURES", 5)?;
+        let admin_lockout_secs: u64 = positive(&lookup, "WEB_ADMIN_LOCKOUT_SECS", 900)?;
         let forwarded_for_hops: usize = var_or(&lookup, "WEB_FORWARDED_FOR_HOPS", 0)?;
         if forwarded_for_hops > 16 {
             return Err(ConfigError::new("WEB_FORWARDED_FOR_HOPS", "at most 16 trusted proxies"));
@@ -140,14 +146,8 @@ impl Config {
         if events_replay > MAX_EVENTS_REPLAY {
             return Err(ConfigError::new("WEB_EVENTS_REPLAY", format!("at most {MAX_EVENTS_REPLAY}")));
         }
-        let heartbeat: u64 = var_or(&lookup, "WEB_SSE_HEARTBEAT_SECS", 15)?;
-        if heartbeat == 0 {
-            return Err(ConfigError::new("WEB_SSE_HEARTBEAT_SECS", "must be at least 1"));
-        }
-        let max_event_streams: usize = var_or(&lookup, "WEB_MAX_EVENT_STREAMS", 1_000)?;
-        if max_event_streams == 0 {
-            return Err(ConfigError::new("WEB_MAX_EVENT_STREAMS", "must be at least 1"));
-        }
+        let heartbeat: u64 = positive(&lookup, "WEB_SSE_HEARTBEAT_SECS", 15)?;
+        let max_event_streams: usize = positive(&lookup, "WEB_MAX_EVENT_STREAMS", 1_000)?;
         let grace: u64 = var_or(&lookup, "WEB_SHUTDOWN_GRACE_SECS", 5)?;
         Ok(Self {
             nats,
@@ -253,5 +253,12 @@ mod tests {
     fn an_empty_admin_token_leaves_admin_disabled() {
         let c = Config::from_lookup(env(&[("WEB_ADMIN_TOKEN", "  ")])).unwrap();
         assert!(!c.admin_enabled());
+    }
+
+    #[test]
+    fn the_variable_list_names_exactly_what_is_read() {
+        mnistflow_runtime::env::assert_lists_exactly(&Config::env_vars(), &[], |lookup| {
+            Config::from_lookup(lookup).unwrap();
+        });
     }
 }

@@ -29,15 +29,13 @@ mod predict;
 mod security;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use mnistflow_nats::Bus;
-use rocket::config::{LogLevel, Shutdown as ShutdownConfig};
+use mnistflow_runtime::http::{self, ServeError, Served};
+use rocket::config::Ident;
 use rocket::data::{Limits, ToByteUnit};
-use rocket::fairing::AdHoc;
-use rocket::figment::Figment;
 use rocket::{Build, Rocket, catchers, routes};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -65,36 +63,28 @@ pub(crate) struct AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
     #[error("web server: {0}")]
-    Rocket(#[from] Box<rocket::Error>),
-    #[error("web server stopped before it listened")]
-    NotStarted,
+    Serve(#[from] ServeError),
     #[error("web server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
-fn figment(config: &Config) -> Figment {
-    let grace = u32::try_from(config.shutdown_grace.as_secs()).unwrap_or(u32::MAX);
-    // Signals are ours (the CancellationToken), not Rocket's.
-    let shutdown = ShutdownConfig { ctrlc: false, signals: Default::default(), grace, mercy: 2, ..Default::default() };
+/// Rocket's settings: the shared start-up's ([`http::config`]) with our
+/// address, grace period and body limits.
+fn rocket_config(config: &Config, addr: SocketAddr) -> rocket::Config {
+    let mut rc = http::config(addr, config.shutdown_grace);
+    rc.shutdown.mercy = 2;
     let max = config.max_upload_bytes;
-    let limits = Limits::default()
+    rc.limits = Limits::default()
         .limit("json", 16.kibibytes())
         .limit("string", 16.kibibytes())
         .limit("form", 16.kibibytes())
         .limit("data-form", max.bytes())
         .limit("file", max.bytes())
         .limit("bytes", max.bytes());
-    // release_default, not Config::figment(): no Rocket.toml, no ROCKET_* variables.
-    Figment::from(rocket::Config::release_default())
-        .merge(("address", config.address))
-        .merge(("port", config.port))
-        .merge(("ident", false))
-        // Behind a TCP load balancer no proxy sets X-Real-IP; a client could forge it.
-        .merge(("ip_header", false))
-        .merge(("log_level", LogLevel::Off))
-        .merge(("cli_colors", false))
-        .merge(("shutdown", shutdown))
-        .merge(("limits", limits))
+    rc.ident = Ident::none();
+    // Behind a TCP load balancer no proxy sets X-Real-IP; a client could forge it.
+    rc.ip_header = None;
+    rc
 }
 
 /// Assembles the public service: routes, catchers, security headers, metrics
@@ -104,12 +94,12 @@ pub fn build(config: Config, bus: Bus) -> Rocket<Build> {
 }
 
 fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> {
-    let figment = figment(&config);
+    let rocket_config = rocket_config(&config, SocketAddr::new(config.address, config.port));
     let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
     let admin_lockout = lockout::AdminLockout::new(config.admin_max_failures, config.admin_lockout);
     let predictions = Arc::new(tokio::sync::Semaphore::new(config.max_predictions));
     let state = AppState { config, bus, metrics, event_streams, admin_lockout, predictions };
-    rocket::custom(figment)
+    rocket::custom(rocket_config)
         .manage(state)
         .mount(
             "/",
@@ -140,8 +130,8 @@ fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> 
 pub struct Server {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    task: JoinHandle<Result<(), WebError>>,
-    metrics_task: Option<JoinHandle<Result<(), WebError>>>,
+    task: JoinHandle<Result<(), ServeError>>,
+    metrics_task: Option<JoinHandle<Result<(), ServeError>>>,
 }
 
 impl Server {
@@ -165,7 +155,7 @@ impl Server {
         if let Some(task) = self.metrics_task {
             task.await??;
         }
-        result
+        Ok(result?)
     }
 }
 
@@ -181,52 +171,18 @@ pub async fn start(config: Config, bus: Bus, shutdown: CancellationToken) -> Res
     let metrics_listener = match config.metrics_addr {
         None => None,
         Some(addr) => {
-            let figment = figment(&config).merge(("address", addr.ip())).merge(("port", addr.port()));
-            let rocket = rocket::custom(figment).manage(metrics.clone()).mount("/", metrics::routes());
-            let (bound, task) = launch(rocket, metrics_shutdown.clone()).await?;
-            info!(addr = %bound, "Web tier metrics listening.");
-            Some((bound, task))
+            let rocket =
+                rocket::custom(rocket_config(&config, addr)).manage(metrics.clone()).mount("/", metrics::routes());
+            let Served { addr, task } = http::launch(rocket, metrics_shutdown.clone()).await?;
+            info!(%addr, "Web tier metrics listening.");
+            Some((addr, task))
         }
     };
-    let (addr, task) =
-        launch(build_with(config, bus, metrics), shutdown).await.inspect_err(|_| metrics_shutdown.cancel())?;
+    let Served { addr, task } =
+        http::launch(build_with(config, bus, metrics), shutdown).await.inspect_err(|_| metrics_shutdown.cancel())?;
     info!(%addr, "Web tier listening.");
     let (metrics_addr, metrics_task) = metrics_listener.unzip();
     Ok(Server { addr, metrics_addr, task, metrics_task })
-}
-
-/// Ignites and launches `rocket`, stopping it when `shutdown` is cancelled;
-/// returns once it listens, with the address it bound.
-async fn launch(
-    rocket: Rocket<Build>,
-    shutdown: CancellationToken,
-) -> Result<(SocketAddr, JoinHandle<Result<(), WebError>>), WebError> {
-    let (tx, rx) = oneshot::channel::<SocketAddr>();
-    let tx = Mutex::new(Some(tx));
-    let rocket = rocket.attach(AdHoc::on_liftoff("Report the address", move |rocket| {
-        let addr = SocketAddr::new(rocket.config().address, rocket.config().port);
-        if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
-            let _ = tx.send(addr);
-        }
-        Box::pin(async {})
-    }));
-    let rocket = rocket.ignite().await.map_err(Box::new)?;
-    let handle = rocket.shutdown();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        handle.notify();
-    });
-    let task = tokio::spawn(async move {
-        rocket.launch().await.map_err(Box::new)?;
-        Ok(())
-    });
-    match rx.await {
-        Ok(addr) => Ok((addr, task)),
-        Err(_) => match task.await? {
-            Err(e) => Err(e),
-            Ok(()) => Err(WebError::NotStarted),
-        },
-    }
 }
 
 /// The binary's body: connect to NATS, make sure the streams exist, serve until shutdown.
@@ -236,6 +192,15 @@ async fn launch(
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     bus.ensure_streams().await?;
+    run(config, bus, shutdown).await
+}
+
+/// The stage on its resources (`mnistflow up` hands every stage the same bus):
+/// serves until `shutdown` and the grace period.
+///
+/// # Errors
+/// The server could not start or failed.
+pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
     let server = start(config, bus, shutdown.clone()).await?;
     server.wait().await?;
     info!("Web tier stopped.");

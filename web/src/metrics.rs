@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use mnistflow_runtime::http::OpenMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -14,7 +15,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rocket::fairing::{Fairing, Info, Kind};
-use rocket::http::ContentType;
 use rocket::{Data, Request, Response, Route, State, get};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -198,10 +198,8 @@ impl Fairing for HttpMetrics {
 }
 
 #[get("/metrics")]
-fn metrics(metrics: &State<Arc<Metrics>>) -> (ContentType, String) {
-    let ct =
-        ContentType::new("application", "openmetrics-text").with_params([("version", "1.0.0"), ("charset", "utf-8")]);
-    (ct, metrics.encode())
+fn metrics(metrics: &State<Arc<Metrics>>) -> OpenMetrics {
+    OpenMetrics(metrics.encode())
 }
 
 /// The metrics listener's routes; its Rocket manages an `Arc<Metrics>`.

@@ -1,13 +1,11 @@
-//! Process plumbing shared by every binary: tracing (and its export, see
-//! [`crate::telemetry`]) and the shutdown token.
+//! Tracing, set up once first thing in `main` (its export over OTLP is
+//! `mnistflow_nats::telemetry`'s).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio_util::sync::CancellationToken;
+use mnistflow_nats::ConfigError;
+use mnistflow_nats::telemetry::{self, TelemetryConfig, TelemetryGuard};
 use tracing_subscriber::{EnvFilter, Layer as _, fmt, prelude::*};
-
-use crate::config::ConfigError;
-use crate::telemetry::{self, TelemetryConfig, TelemetryGuard};
 
 static INITIALISED: AtomicBool = AtomicBool::new(false);
 
@@ -32,8 +30,9 @@ pub fn init_tracing_with_default(service: &str, default_filter: &str) -> Result<
     init_tracing_from_lookup(service, default_filter, &|key| std::env::var(key).ok())
 }
 
-/// [`init_tracing_with_default`] reading the telemetry variables through `lookup`
-/// (tests export to a collector of their own without touching the environment).
+/// [`init_tracing_with_default`] reading `LOG_FORMAT` and the telemetry variables
+/// through `lookup` (tests export to a collector of their own without touching the
+/// environment; `mnistflow up` defaults `LOG_FORMAT` to plain text).
 /// Only the first call in a process installs anything; later calls return an
 /// empty guard.
 ///
@@ -50,16 +49,18 @@ pub fn init_tracing_from_lookup(
     }
     let provider = config.tracer_provider()?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let json = match std::env::var("LOG_FORMAT").as_deref() {
-        Ok("json") => true,
-        Ok("pretty" | "text") => false,
+    let json = match lookup("LOG_FORMAT").as_deref().map(str::trim) {
+        Some("json") => true,
+        Some("pretty" | "text") => false,
         _ => !std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     // Each layer has its own filter: RUST_LOG decides what is logged, not what is exported.
     let logs = if json {
         fmt::layer().json().with_writer(std::io::stderr).with_current_span(true).with_filter(filter).boxed()
     } else {
-        fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed()
+        // Colours only for a terminal: escape codes in a file or a pipe are noise.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter).boxed()
     };
     let otel = provider.as_ref().map(telemetry::layer);
     // Another subscriber already installed (a test harness) keeps its place.
@@ -71,40 +72,6 @@ pub fn init_tracing_from_lookup(
         tracing::info!(%endpoint, service = %config.service_name, "Exporting traces over OTLP.");
     }
     Ok(TelemetryGuard::new(provider))
-}
-
-/// A token cancelled on the first SIGTERM or SIGINT.
-pub fn shutdown_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let trigger = token.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("Shutdown requested.");
-        trigger.cancel();
-    });
-    token
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 #[cfg(test)]
