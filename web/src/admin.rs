@@ -94,7 +94,7 @@ impl<'r> FromRequest<'r> for Admin {
     }
 }
 
-fn locked_out(left: std::time::Duration) -> ApiError {
+pub(crate) fn locked_out(left: std::time::Duration) -> ApiError {
     let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
     ApiError::new(
         Status::TooManyRequests,
@@ -140,7 +140,7 @@ pub struct PromoteBody {
 /// The most epochs the page may ask for: more is a job for the CLI.
 pub const MAX_EPOCHS: i64 = 100;
 
-fn body<T>(body: Result<Json<T>, rocket::serde::json::Error<'_>>) -> Result<T, ApiError> {
+pub(crate) fn body<T>(body: Result<Json<T>, rocket::serde::json::Error<'_>>) -> Result<T, ApiError> {
     body.map(Json::into_inner).map_err(|e| {
         let status = match e {
             rocket::serde::json::Error::Io(_) => Status::BadRequest,
