@@ -124,6 +124,7 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
         ("TRAINER_METRICS_ADDR", format!("{web_addr}:9103")),
         ("WEB_METRICS_ADDR", format!("{web_addr}:9104")),
         ("INFERENCE_INSTANCE", "inference-local".into()),
+        ("FEEDBACK_ADDR", format!("{web_addr}:9105")),
     ];
     let lookup = move |key: &str| -> Option<String> {
         overrides
@@ -148,6 +149,10 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
     stages.spawn(async move { ("inference", mnistflow_inference::main_with(inference, token).await) });
     let token = shutdown.clone();
     stages.spawn(async move { ("web", mnistflow_web::main_with(web, token).await) });
+    // The feedback stage: stores what people say about the answers (issue 17).
+    let feedback = mnistflow_feedback::Config::from_lookup(&lookup)?;
+    let token = shutdown.clone();
+    stages.spawn(async move { ("feedback", mnistflow_feedback::main_with(feedback, token).await) });
 
     let page = format!("http://{}:{}/", args.address, args.web_port);
     eprintln!(

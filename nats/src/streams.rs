@@ -30,9 +30,10 @@ pub const FEEDBACK: &str = "FEEDBACK";
 
 /// Feedback waiting for the feedback stage, at most (a flood while the stage is
 /// down fills the stream, then publishes are refused: the page answers 503).
-pub const FEEDBACK_MAX_MESSAGES: i64 = 100_000;
-/// Bytes of feedback waiting, at most (a message is about 2 KiB).
-pub const FEEDBACK_MAX_BYTES: i64 = 256 * 1024 * 1024;
+pub const FEEDBACK_MAX_MESSAGES: i64 = 30_000;
+/// Bytes of feedback waiting, at most (a message is about 2 KiB; the local
+/// overlay's JetStream has 800 MB in all).
+pub const FEEDBACK_MAX_BYTES: i64 = 64 * 1024 * 1024;
 /// The largest feedback message the stream stores.
 pub const FEEDBACK_MAX_MESSAGE_BYTES: i32 = 8 * 1024;
 

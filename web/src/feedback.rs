@@ -122,6 +122,12 @@ pub(crate) async fn feedback(
     request: Result<Json<FeedbackBody>, rocket::serde::json::Error<'_>>,
     state: &State<AppState>,
 ) -> Result<(Status, Json<FeedbackAccepted>), ApiError> {
+    if let Err(rocket::serde::json::Error::Io(e)) = &request
+        && e.to_string().contains("limit")
+    {
+        state.metrics.feedback("too_large");
+        return Err(ApiError::new(Status::PayloadTooLarge, "feedback bodies are at most 16 KiB"));
+    }
     let request = crate::admin::body(request).inspect_err(|_| state.metrics.feedback("invalid"))?;
     let event = FeedbackSubmitted {
         event_id: EventId::new(),
