@@ -106,8 +106,8 @@ NATS_BIN = TOOLS / "bin" / "nats-server"
 # The oldest version we support (GKE's stable channel when this was written) and the newest schema shipped.
 KUBE_VERSIONS = ["1.33.0", "1.37.0"]
 # Crates whose binaries run in the cluster, and the foundation code they share.
-SERVICE_CRATES = ["nats", "store", "downloader", "trainer", "inference", "web"]
-ENV_PREFIXES = ("NATS_", "STORE_", "DOWNLOADER_", "TRAINER_", "INFERENCE_", "WEB_")
+SERVICE_CRATES = ["nats", "store", "downloader", "trainer", "inference", "web", "feedback"]
+ENV_PREFIXES = ("NATS_", "STORE_", "DOWNLOADER_", "TRAINER_", "INFERENCE_", "WEB_", "FEEDBACK_")
 
 failures: list[str] = []
 
@@ -664,7 +664,7 @@ def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
         var = f"{name.upper()}_PORT"
         if var in env:
             ports[int(env[var])] = var
-    addr_var = {"web": "WEB_METRICS_ADDR", "downloader": "DOWNLOADER_METRICS_ADDR"}.get(name)
+    addr_var = {"web": "WEB_METRICS_ADDR", "downloader": "DOWNLOADER_METRICS_ADDR", "feedback": "FEEDBACK_ADDR"}.get(name)
     if addr_var and (name != "downloader" or env.get("DOWNLOADER_MODE") == "service"):
         addr = env.get(addr_var, "")
         if ":" in addr:
@@ -1200,6 +1200,12 @@ def flows(rendered: dict[str, list[dict]]) -> None:
             (pods["other"], pods["nats-statefulset"], 4222, "TCP", False),
             (pods["other"], pods["inference-deployment"], 8080, "TCP", False),
             (pods["nats-statefulset"], ext["internet"], 443, "TCP", False),
+            # The feedback stage: NATS out, Prometheus in, nothing else.
+            (pods["feedback-deployment"], pods["nats-statefulset"], 4222, "TCP", True),
+            (pods["feedback-deployment"], ext["internet"], 443, "TCP", bucket),
+            (ext["prometheus"], pods["feedback-deployment"], 9105, "TCP", True),
+            (ext["internet"], pods["feedback-deployment"], 9105, "TCP", False),
+            (pods["web-deployment"], pods["feedback-deployment"], 9105, "TCP", False),
         ]
         for k in stages + ["nats-statefulset"]:
             expect += [(pods[k], r, 53, proto, True) for r in resolvers for proto in ("UDP", "TCP")]
