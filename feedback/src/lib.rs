@@ -242,7 +242,9 @@ impl Handler<FeedbackSubmitted> for Stage {
                 FeedbackOutcome::OverQuota { limit } => {
                     self.metrics.sample("over_quota");
                     warn!(client = %event.client, limit, "Client holds its limit of unverified feedback; refused.");
-                    Outcome::Reject { reason: format!("client {} holds {limit} unverified samples already", event.client) }
+                    Outcome::Reject {
+                        reason: format!("client {} holds {limit} unverified samples already", event.client),
+                    }
                 }
             }
         }

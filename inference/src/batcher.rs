@@ -233,7 +233,12 @@ impl Worker {
                     let probabilities: Vec<f32> = row.iter().map(|v| v.exp()).collect();
                     let digit = most_likely(&probabilities);
                     self.metrics.prediction(digit);
-                    let _ = job.reply.send(Ok(Answer { digit, probabilities, version: model.version.clone(), input: None }));
+                    let _ = job.reply.send(Ok(Answer {
+                        digit,
+                        probabilities,
+                        version: model.version.clone(),
+                        input: None,
+                    }));
                 }
             }
             Err(e) => {

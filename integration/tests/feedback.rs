@@ -84,8 +84,11 @@ async fn feedback_sent_from_the_page_is_stored_and_changes_the_live_accuracy_it_
     b.open(&format!("http://{web_addr}")).await;
     b.until_live().await;
     let row = format!("#models-body tr[data-version=\"{}\"] td.live", model.version);
-    b.until("the version's row, without feedback yet", &format!("return document.querySelector('{row}') ? true : null"))
-        .await;
+    b.until(
+        "the version's row, without feedback yet",
+        &format!("return document.querySelector('{row}') ? true : null"),
+    )
+    .await;
 
     // An anonymous person uploads a real test digit and clicks "Yes, it was a …".
     let digits = test_digits(2);
@@ -154,11 +157,16 @@ async fn feedback_sent_from_the_page_is_stored_and_changes_the_live_accuracy_it_
     let stored = samples(&stack).await;
     assert_eq!(stored.len(), 2);
     let second = &stored[1].event;
-    assert_eq!((second.predicted, second.label, second.trusted, second.client.as_str()), (shown, wrong, true, "labeller"));
+    assert_eq!(
+        (second.predicted, second.label, second.trusted, second.client.as_str()),
+        (shown, wrong, true, "labeller")
+    );
     assert_eq!(stored[1].set_version, 2);
 
     // The stage exports the same figures.
-    let series = |trust: &str| format!("mnistflow_feedback_live_accuracy{{model_version=\"{}\",trust=\"{trust}\"}}", model.version);
+    let series = |trust: &str| {
+        format!("mnistflow_feedback_live_accuracy{{model_version=\"{}\",trust=\"{trust}\"}}", model.version)
+    };
     assert_eq!(metric(&http, metrics_addr, &series("unverified")).await, Some(1.0));
     assert_eq!(metric(&http, metrics_addr, &series("trusted")).await, Some(0.0));
     b.close().await;
@@ -212,11 +220,23 @@ async fn wrong_anonymous_feedback_is_stored_unverified_bounded_per_client_and_ch
 
     // Bad requests are refused with a clear answer and never published.
     for (bad, status, says) in [
-        (json!({"model_version": p.model_version, "predicted": p.digit, "label": wrong, "input": "00"}), 422, "1568 hex"),
-        (json!({"model_version": p.model_version, "predicted": p.digit, "label": 12, "input": body["input"]}), 422, "0 to 9"),
+        (
+            json!({"model_version": p.model_version, "predicted": p.digit, "label": wrong, "input": "00"}),
+            422,
+            "1568 hex",
+        ),
+        (
+            json!({"model_version": p.model_version, "predicted": p.digit, "label": 12, "input": body["input"]}),
+            422,
+            "0 to 9",
+        ),
         (json!({"model_version": "../x", "predicted": 1, "label": 2, "input": body["input"]}), 422, "model version"),
         (json!({"model_version": "v", "predicted": 1, "label": 2, "input": "0".repeat(20_000)}), 413, "16 KiB"),
-        (json!({"model_version": "v", "predicted": 1, "label": 2, "input": body["input"], "trusted": true}), 422, "trusted"),
+        (
+            json!({"model_version": "v", "predicted": 1, "label": 2, "input": body["input"], "trusted": true}),
+            422,
+            "trusted",
+        ),
     ] {
         let (got, answer) = post_feedback(&http, web_addr, &bad, None).await;
         assert_eq!(got, status, "{answer}");
