@@ -55,17 +55,8 @@ impl<'r> FromRequest<'r> for Sender {
             return Outcome::Error(ApiError::new(Status::InternalServerError, "no state").stash(req));
         };
         let now = std::time::Instant::now();
-        let peer = req.remote().map(|a| a.ip());
-        let ip =
-            crate::lockout::client_address(peer, req.headers().get("X-Forwarded-For"), state.config.forwarded_for_hops)
-                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-        let given = req
-            .headers()
-            .get_one("Authorization")
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|t| !t.is_empty());
-        let Some(token) = given else {
+        let ip = crate::admin::client_of(req, state);
+        let Some(token) = crate::admin::bearer(req) else {
             return Outcome::Success(Self { client: anonymous_client(ip), trusted: false });
         };
         let Some(expected) = &state.config.labeller_token else {
