@@ -64,6 +64,7 @@ impl Up {
             .env("DOWNLOADER_METRICS_ADDR", "off")
             .env("TRAINER_METRICS_ADDR", "off")
             .env("WEB_METRICS_ADDR", "off")
+            .env("FEEDBACK_ADDR", "off")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
