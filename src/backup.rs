@@ -89,7 +89,10 @@ impl Line {
 
 /// The full names of the contract's streams.
 fn stream_names(bus: &Bus) -> Vec<String> {
-    [streams::EVENTS, streams::TRAIN, streams::COMMANDS].iter().map(|role| bus.subjects().stream_name(role)).collect()
+    [streams::EVENTS, streams::TRAIN, streams::COMMANDS, streams::FEEDBACK]
+        .iter()
+        .map(|role| bus.subjects().stream_name(role))
+        .collect()
 }
 
 /// A key is a relative path of plain segments (no `..`, nothing absolute), so a

@@ -165,6 +165,7 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
         ("TRAINER_METRICS_ADDR", format!("{web_addr}:0")),
         ("WEB_METRICS_ADDR", format!("{web_addr}:0")),
         ("INFERENCE_INSTANCE", "inference-local".into()),
+        ("FEEDBACK_ADDR", format!("{web_addr}:0")),
     ];
     let lookup = move |key: &str| -> Option<String> {
         overrides
@@ -179,8 +180,9 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
     let trainer = mnistflow_trainer::Config::from_lookup(&lookup)?;
     let inference = mnistflow_inference::Config::from_lookup(&lookup)?;
     let web = mnistflow_web::Config::from_lookup(&lookup)?;
+    let feedback = mnistflow_feedback::Config::from_lookup(&lookup)?;
 
-    // One connection and one store for all four stages.
+    // One connection and one store for all five stages.
     let mut stages = JoinSet::new();
     let (b, st, token) = (bus.clone(), store.clone(), shutdown.clone());
     stages.spawn(async move { ("downloader", mnistflow_downloader::run(downloader, b, st, token).await) });
@@ -190,6 +192,9 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
     stages.spawn(async move { ("inference", mnistflow_inference::run(inference, b, st, token).await) });
     let (b, token) = (bus.clone(), shutdown.clone());
     stages.spawn(async move { ("web", mnistflow_web::run(web, b, token).await) });
+    // The feedback stage: stores what people say about the answers.
+    let (b, st, token) = (bus.clone(), store.clone(), shutdown.clone());
+    stages.spawn(async move { ("feedback", mnistflow_feedback::run(feedback, b, st, token).await) });
 
     let page = format!("http://{}:{}/", args.address, args.web_port);
     narrate!(

@@ -36,6 +36,8 @@ pub struct Answer {
     pub digit: u8,
     pub probabilities: Vec<f32>,
     pub version: ModelVersion,
+    /// The input as the reply carries it (set by [`crate::service::Service::predict`]).
+    pub input: Option<String>,
 }
 
 /// Why a request got no classification.
@@ -231,7 +233,12 @@ impl Worker {
                     let probabilities: Vec<f32> = row.iter().map(|v| v.exp()).collect();
                     let digit = most_likely(&probabilities);
                     self.metrics.prediction(digit);
-                    let _ = job.reply.send(Ok(Answer { digit, probabilities, version: model.version.clone() }));
+                    let _ = job.reply.send(Ok(Answer {
+                        digit,
+                        probabilities,
+                        version: model.version.clone(),
+                        input: None,
+                    }));
                 }
             }
             Err(e) => {

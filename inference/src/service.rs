@@ -105,12 +105,22 @@ impl Service {
             .map_err(|e| ApiError::Other(500, format!("preprocessing failed: {e}")))?
         };
         let pixels = pixels?;
-        Ok(self.batcher.predict(Box::new(pixels)).await?)
+        let input = seen(&pixels);
+        let mut answer = self.batcher.predict(Box::new(pixels)).await?;
+        answer.input = Some(input);
+        Ok(answer)
     }
+}
+
+/// The model's input as the reply carries it ([`Prediction::input`]): each pixel
+/// of `[0, 1]` to one byte, as hex.
+pub fn seen(pixels: &preprocess::Pixels) -> String {
+    let bytes: Vec<u8> = pixels.iter().map(|p| (p.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    hex::encode(bytes)
 }
 
 impl From<Answer> for Prediction {
     fn from(a: Answer) -> Self {
-        Self { digit: a.digit, probabilities: a.probabilities, model_version: a.version }
+        Self { digit: a.digit, probabilities: a.probabilities, model_version: a.version, input: a.input }
     }
 }

@@ -5,9 +5,11 @@
 //! the `nats` crate with that stage's own identity: set-up by the promoter and the
 //! downloader, the downloader's and the trainer's work queues and events, inference
 //! answering `mnist.predict` in its queue group and announcing loads, the web tier
-//! asking predictions and replaying the events stream. Then the refusals: the web
+//! asking predictions and replaying the events stream, the web tier passing feedback
+//! on and the feedback stage taking it and announcing it. Then the refusals: the web
 //! identity may not publish a command nor answer `mnist.predict`, inference may not
-//! queue training; the backup identity reads every stream and may change nothing. And a password rotation by reload: a second user of the web
+//! queue training; the feedback stage may not queue training nor promote; the backup identity
+//! reads every stream and may change nothing. And a password rotation by reload: a second user of the web
 //! identity with the new password beside the old, the stage moving to it, the
 //! old one removed and refused, the moved stage never dropped.
 
@@ -22,8 +24,9 @@ use mnistflow_nats::async_nats::jetstream::consumer::DeliverPolicy;
 use mnistflow_nats::events::Message;
 use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
 use mnistflow_nats::{
-    Bus, DatasetDownload, DatasetId, DatasetReady, EventId, InferenceLoaded, ModelMetrics, ModelPromote,
-    ModelPublished, ModelVersion, NatsConfig, RunId, TrainProgress, TrainRequest, WorkQueueOptions, subjects,
+    Bus, DatasetDownload, DatasetId, DatasetReady, EventId, FeedbackStored, FeedbackSubmitted, InferenceLoaded,
+    LiveAccuracy, ModelMetrics, ModelPromote, ModelPublished, ModelVersion, NatsConfig, RunId, TrainProgress,
+    TrainRequest, WorkQueueOptions, subjects,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -249,6 +252,41 @@ async fn each_stage_works_with_its_own_nats_identity_and_no_more() {
     let mut replay = web.replay_events(DeliverPolicy::All).await.expect("web opens a replay");
     let first = tokio::time::timeout(WAIT, replay.next()).await.expect("a replayed event").unwrap().unwrap();
     assert_eq!(first.suffix, subjects::DATASET_READY);
+
+    // Feedback: the web tier passes it on, the feedback stage takes it and announces it.
+    let feedback = connect(&nats, "feedback", false).await;
+    feedback.ensure_streams().await.expect("the feedback stage waits for set-up");
+    let submitted = FeedbackSubmitted {
+        event_id: EventId::new(),
+        model_version: version.clone(),
+        predicted: 7,
+        label: 1,
+        input: "00".repeat(784),
+        client: "ip-0123456789abcdef".into(),
+        trusted: false,
+        at: Utc::now(),
+    };
+    web.publish(&submitted).await.expect("web publishes feedback.submitted");
+    let taken = take_one::<FeedbackSubmitted>(&feedback).await;
+    assert_eq!(taken.event_id, submitted.event_id);
+    let stored = FeedbackStored {
+        event_id: EventId::new(),
+        feedback_id: submitted.event_id,
+        model_version: version.clone(),
+        trusted: false,
+        correct: false,
+        set_version: 1,
+        accuracy: LiveAccuracy::default(),
+        at: Utc::now(),
+    };
+    feedback.publish(&stored).await.expect("the feedback stage announces feedback.stored");
+    for (suffix, result) in [
+        (subjects::TRAIN_REQUEST, feedback.publish(&TrainRequest::default()).await.map(|_| ())),
+        (subjects::MODEL_PROMOTE, feedback.publish(&promote()).await.map(|_| ())),
+    ] {
+        let error = chain(&result.expect_err(&format!("feedback may not publish {suffix}")));
+        assert!(error.contains("permission denied"), "feedback publishing {suffix}: {error}");
+    }
 
     // Refusals. The web identity may not publish a command ...
     for (suffix, result) in [

@@ -301,7 +301,7 @@ def grace(rendered: dict[str, list[dict]]) -> None:
                     fail(what)
 
 
-STAGE_BINARIES = ("downloader", "trainer", "inference", "web")
+STAGE_BINARIES = ("downloader", "trainer", "inference", "web", "feedback")
 
 
 @functools.cache
@@ -839,7 +839,7 @@ def listen_port(container: dict, env: dict[str, str]) -> dict[int, str]:
         var = f"{name.upper()}_PORT"
         if var in env:
             ports[int(env[var])] = var
-    addr_var = {"web": "WEB_METRICS_ADDR", "downloader": "DOWNLOADER_METRICS_ADDR"}.get(name)
+    addr_var = {"web": "WEB_METRICS_ADDR", "downloader": "DOWNLOADER_METRICS_ADDR", "feedback": "FEEDBACK_ADDR"}.get(name)
     if addr_var and (name != "downloader" or env.get("DOWNLOADER_MODE") == "service"):
         addr = env.get(addr_var, "")
         if ":" in addr:
@@ -1434,6 +1434,12 @@ def flows(rendered: dict[str, list[dict]]) -> None:
             (pods["other"], pods["nats-statefulset"], 4222, "TCP", False),
             (pods["other"], pods["inference-deployment"], 8080, "TCP", False),
             (pods["nats-statefulset"], ext["internet"], 443, "TCP", False),
+            # The feedback stage: NATS out, Prometheus in, nothing else.
+            (pods["feedback-deployment"], pods["nats-statefulset"], 4222, "TCP", True),
+            (pods["feedback-deployment"], ext["internet"], 443, "TCP", bucket),
+            (ext["prometheus"], pods["feedback-deployment"], 9105, "TCP", True),
+            (ext["internet"], pods["feedback-deployment"], 9105, "TCP", False),
+            (pods["web-deployment"], pods["feedback-deployment"], 9105, "TCP", False),
         ]
         for k in stages + ["nats-statefulset"]:
             expect += [(pods[k], r, 53, proto, True) for r in resolvers for proto in ("UDP", "TCP")]

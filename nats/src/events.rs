@@ -286,7 +286,145 @@ pub struct Prediction {
     pub digit: u8,
     pub probabilities: Vec<f32>,
     pub model_version: ModelVersion,
+    /// The 28×28 image the model saw, after preprocessing: 784 bytes (row by
+    /// row, 0 = background, 255 = ink) as 1,568 lowercase hex digits. What the
+    /// page sends back with its feedback ([`FeedbackSubmitted::input`]); absent
+    /// from replies of instances older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
 }
+
+/// The side of the model's input image.
+pub const INPUT_SIDE: usize = 28;
+/// Pixels of the model's input image.
+pub const INPUT_PIXELS: usize = INPUT_SIDE * INPUT_SIDE;
+
+/// Checks an `input` (see [`Prediction::input`]): exactly 784 bytes as 1,568
+/// hex digits.
+///
+/// # Errors
+/// Says what is wrong, in words meant for the sender.
+pub fn decode_input(hex_pixels: &str) -> Result<Vec<u8>, String> {
+    if hex_pixels.len() != 2 * INPUT_PIXELS {
+        return Err(format!(
+            "input must be the {INPUT_PIXELS} pixels of the 28×28 image as {} hex digits (got {} characters)",
+            2 * INPUT_PIXELS,
+            hex_pixels.len()
+        ));
+    }
+    hex::decode(hex_pixels).map_err(|e| format!("input is not hex: {e}"))
+}
+
+/// Event (JetStream work queue `feedback`): a person said which digit an answer
+/// really was. Published by the web tier (`POST /api/feedback`), consumed by
+/// the feedback stage, which stores it as a sample of the feedback set.
+///
+/// Only feedback from a trusted labeller (`trusted`, set by the web tier after
+/// checking the labeller token, never by the sender) may ever enter a training
+/// set or a promotion decision; anonymous feedback is unverified and feeds only
+/// the live figures, marked as such.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackSubmitted {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The version that answered.
+    pub model_version: ModelVersion,
+    /// The digit it answered.
+    pub predicted: u8,
+    /// The digit it really was, according to the sender.
+    pub label: u8,
+    /// The 28×28 image the model saw, as in [`Prediction::input`].
+    pub input: String,
+    /// Who sent it, as the web tier knows them: `ip-<hash>` for anonymous
+    /// senders (a hash of the client address, not the address), `labeller` for
+    /// the holder of the labeller token. The stage bounds what one client may store.
+    pub client: String,
+    /// From a trusted labeller (authenticated by the web tier).
+    #[serde(default)]
+    pub trusted: bool,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(FeedbackSubmitted, subjects::FEEDBACK_SUBMITTED);
+
+impl FeedbackSubmitted {
+    /// Whether a client key is safe as a store path segment: 1 to 64 of
+    /// `[a-z0-9_-]`.
+    pub fn client_is_valid(client: &str) -> bool {
+        !client.is_empty()
+            && client.len() <= 64
+            && client.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    }
+
+    /// Checks what decoding cannot: digits 0 to 9, a valid version and client
+    /// key, an input of exactly 784 pixels.
+    ///
+    /// # Errors
+    /// Says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.predicted > 9 || self.label > 9 {
+            return Err(format!("digits are 0 to 9 (predicted {}, label {})", self.predicted, self.label));
+        }
+        if !ModelVersion::is_valid(self.model_version.as_str()) {
+            return Err(format!("{:?} is not a model version", self.model_version.as_str()));
+        }
+        if !Self::client_is_valid(&self.client) {
+            return Err(format!("{:?} is not a client key (1 to 64 of a-z, 0-9, - and _)", self.client));
+        }
+        decode_input(&self.input).map(drop)
+    }
+}
+
+/// Answers judged by feedback, and how many of them were right.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub answers: u64,
+    pub correct: u64,
+}
+
+impl Tally {
+    /// `correct / answers`, or `None` before the first answer.
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.answers > 0).then(|| self.correct as f64 / self.answers as f64)
+    }
+
+    /// Counts one answer.
+    pub fn add(&mut self, correct: bool) {
+        self.answers += 1;
+        self.correct += u64::from(correct);
+    }
+}
+
+/// A version's live accuracy from feedback, trusted and unverified apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveAccuracy {
+    /// Feedback from trusted labellers.
+    #[serde(default)]
+    pub trusted: Tally,
+    /// Anonymous feedback: shown, never trusted.
+    #[serde(default)]
+    pub unverified: Tally,
+}
+
+/// Event: the feedback stage stored a sample (first delivery only: a repeat is
+/// not announced again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackStored {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The [`FeedbackSubmitted`] event this sample is.
+    pub feedback_id: EventId,
+    pub model_version: ModelVersion,
+    pub trusted: bool,
+    pub correct: bool,
+    /// The feedback set's version that first holds this sample (its sample count).
+    pub set_version: u64,
+    /// The version's live accuracy, this sample included.
+    pub accuracy: LiveAccuracy,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(FeedbackStored, subjects::FEEDBACK_STORED);
 
 /// Error reply to a prediction: `{"error": {"code": 415, "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

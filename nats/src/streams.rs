@@ -11,6 +11,7 @@
 //! | `<P>_EVENTS` | every event of [`EVENT_SUBJECTS`] | limits (30 days, 10,000 per subject) | ephemeral replays (web, CLI) |
 //! | `<P>_TRAIN` | `train.request` | work queue | `trainer` (the KEDA scaler watches its lag) |
 //! | `<P>_COMMANDS` | `dataset.download`, `model.promote` | work queue | `downloader`, `promoter` |
+//! | `<P>_FEEDBACK` | `feedback.submitted` | work queue, bounded ([`FEEDBACK_MAX_MESSAGES`], [`FEEDBACK_MAX_BYTES`], new messages refused when full) | `feedback` |
 
 use std::time::Duration;
 
@@ -25,6 +26,16 @@ use crate::subjects::{self, EVENT_SUBJECTS, Subjects};
 pub const EVENTS: &str = "EVENTS";
 pub const TRAIN: &str = "TRAIN";
 pub const COMMANDS: &str = "COMMANDS";
+pub const FEEDBACK: &str = "FEEDBACK";
+
+/// Feedback waiting for the feedback stage, at most (a flood while the stage is
+/// down fills the stream, then publishes are refused: the page answers 503).
+pub const FEEDBACK_MAX_MESSAGES: i64 = 30_000;
+/// Bytes of feedback waiting, at most (a message is about 2 KiB; the local
+/// overlay's JetStream has 800 MB in all).
+pub const FEEDBACK_MAX_BYTES: i64 = 64 * 1024 * 1024;
+/// The largest feedback message the stream stores.
+pub const FEEDBACK_MAX_MESSAGE_BYTES: i32 = 8 * 1024;
 
 /// Durable consumer of `train.request`.
 pub const TRAINER_CONSUMER: &str = "trainer";
@@ -32,6 +43,8 @@ pub const TRAINER_CONSUMER: &str = "trainer";
 pub const DOWNLOADER_CONSUMER: &str = "downloader";
 /// Durable consumer of `model.promote`.
 pub const PROMOTER_CONSUMER: &str = "promoter";
+/// Durable consumer of `feedback.submitted`.
+pub const FEEDBACK_CONSUMER: &str = "feedback";
 
 /// One work-queue command and the durable consumer that takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,10 +63,16 @@ pub struct WorkConsumer {
 /// Every durable consumer of the deployment: the one definition that set-up
 /// ([`ensure`]), the stages ([`crate::Bus::work_queue`]) and the KEDA trigger
 /// (`k8s/base/trainer.yaml`, checked by `k8s/check`) share.
-pub const WORK_CONSUMERS: [WorkConsumer; 3] = [
+pub const WORK_CONSUMERS: [WorkConsumer; 4] = [
     WorkConsumer { suffix: subjects::TRAIN_REQUEST, stream: TRAIN, durable: TRAINER_CONSUMER, max_deliver: 5 },
     WorkConsumer { suffix: subjects::DATASET_DOWNLOAD, stream: COMMANDS, durable: DOWNLOADER_CONSUMER, max_deliver: 3 },
     WorkConsumer { suffix: subjects::MODEL_PROMOTE, stream: COMMANDS, durable: PROMOTER_CONSUMER, max_deliver: 5 },
+    WorkConsumer {
+        suffix: subjects::FEEDBACK_SUBMITTED,
+        stream: FEEDBACK,
+        durable: FEEDBACK_CONSUMER,
+        max_deliver: 10,
+    },
 ];
 
 /// The ack wait a consumer is created with at set-up (a stage that binds with
@@ -107,6 +126,17 @@ pub fn stream_configs(subjects: &Subjects, replicas: usize) -> Vec<stream::Confi
             description: Some("mnistflow commands: downloads and promotions (work queue)".into()),
             subjects: vec![subjects.full(subjects::DATASET_DOWNLOAD), subjects.full(subjects::MODEL_PROMOTE)],
             retention: stream::RetentionPolicy::WorkQueue,
+            ..base.clone()
+        },
+        stream::Config {
+            name: subjects.stream_name(FEEDBACK),
+            description: Some("mnistflow feedback from the page, for the feedback stage (work queue)".into()),
+            subjects: vec![subjects.full(subjects::FEEDBACK_SUBMITTED)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages: FEEDBACK_MAX_MESSAGES,
+            max_bytes: FEEDBACK_MAX_BYTES,
+            max_message_size: FEEDBACK_MAX_MESSAGE_BYTES,
+            discard: stream::DiscardPolicy::New,
             ..base
         },
     ]

@@ -21,12 +21,18 @@ pub const MODEL_PROMOTE: &str = "model.promote";
 pub const INFERENCE_LOADED: &str = "inference.loaded";
 /// Request/reply: classify an image. Core NATS, queue group [`PREDICT_QUEUE_GROUP`].
 pub const PREDICT: &str = "predict";
+/// Event (JetStream work queue): a person said whether an answer was right.
+/// Published by the web tier, consumed by the feedback stage.
+pub const FEEDBACK_SUBMITTED: &str = "feedback.submitted";
+/// Event: the feedback stage stored a sample; carries the live accuracy of the
+/// version it judged.
+pub const FEEDBACK_STORED: &str = "feedback.stored";
 /// The queue group inference instances share on [`PREDICT`].
 pub const PREDICT_QUEUE_GROUP: &str = "inference";
 
 /// Subjects kept in the events stream (replayable by late subscribers).
 pub const EVENT_SUBJECTS: &[&str] =
-    &[DATASET_READY, DATASET_FAILED, TRAIN_PROGRESS, TRAIN_FAILED, MODEL_PUBLISHED, INFERENCE_LOADED];
+    &[DATASET_READY, DATASET_FAILED, TRAIN_PROGRESS, TRAIN_FAILED, MODEL_PUBLISHED, INFERENCE_LOADED, FEEDBACK_STORED];
 
 /// Builds full subject names from the configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,8 @@
 //! models/mnist-cnn/<version>/model.pt            TorchScript
 //! models/mnist-cnn/<version>/metadata.json       written last, holds model.pt's SHA-256
 //! models/mnist-cnn/CURRENT                       the version to serve, moved only to complete versions
+//! feedback/mnist/samples/{trusted,unverified}/<client>/<event-id>.json   one sample per feedback event
+//! feedback/mnist/INDEX.json                      the feedback set's version, counts, live accuracy
 //! ```
 //!
 //! A reader never sees a half-written artefact: a data set exists once its
@@ -18,14 +20,16 @@
 //! rename locally, a single PUT or completed multipart upload remotely).
 //!
 //! Parts: [`Store`] (open, datasets, models, promote), [`watch`] (follow `CURRENT`),
-//! [`idx`] (the MNIST file format).
+//! [`idx`] (the MNIST file format), [`feedback`] (the feedback set).
 
 mod current;
+pub mod feedback;
 pub mod idx;
 mod store;
 pub mod watch;
 
 pub use current::CurrentPointer;
+pub use feedback::{FEEDBACK_INDEX_KEY, FEEDBACK_PREFIX, FeedbackIndex, FeedbackOutcome, FeedbackSample};
 pub use store::{DatasetManifest, ModelMetadata, Store, StoreError, sha256_hex};
 
 /// Where data sets live.

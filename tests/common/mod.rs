@@ -73,6 +73,7 @@ impl Up {
             .env_remove("DOWNLOADER_METRICS_ADDR")
             .env_remove("TRAINER_METRICS_ADDR")
             .env_remove("WEB_METRICS_ADDR")
+            .env_remove("FEEDBACK_ADDR")
             .env_remove("LOG_FORMAT")
             .envs(env.iter().copied())
             .process_group(0)

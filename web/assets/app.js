@@ -16,7 +16,7 @@
     return node;
   };
 
-  const config = { admin: false, max_upload_bytes: 1048576, predict_timeout_ms: 5000 };
+  const config = { admin: false, labeller: false, max_upload_bytes: 1048576, predict_timeout_ms: 5000 };
 
   // ---------------------------------------------------------------- drawing pad
   const pad = $("pad");
@@ -281,6 +281,8 @@
     $("result-empty").hidden = false;
     $("quick-answer").hidden = true;
     $("predict-error").hidden = true;
+    answered = null;
+    $("feedback").hidden = true;
   }
 
   function showError(message) {
@@ -346,6 +348,87 @@
     const quick = $("quick-answer");
     quick.textContent = `Answer: ${digit}${conf != null ? ` (${(conf * 100).toFixed(0)} %)` : ""}`;
     quick.hidden = source !== "drawing";
+    offerFeedback(p, digit);
+  }
+
+  // ---------------------------------------------------------------- feedback
+  // The answer on show, with the 28×28 image the model saw (the reply's `input`),
+  // which is what feedback sends back: a fixed size, whatever was uploaded.
+  let answered = null;
+  const feedbackStatus = $("feedback-status");
+
+  function offerFeedback(p, digit) {
+    const input = typeof p.input === "string" && /^[0-9a-f]{1568}$/.test(p.input) ? p.input : null;
+    answered = input ? { input, digit, version: String(p.model_version || ""), sent: false } : null;
+    const box = $("feedback");
+    box.hidden = !answered;
+    if (!answered) return;
+    box.removeAttribute("data-sent");
+    $("feedback-right-digit").textContent = String(digit);
+    for (const b of box.querySelectorAll("button")) b.disabled = false;
+    feedbackStatus.textContent = "";
+  }
+
+  async function sendFeedback(label) {
+    if (!answered || answered.sent) return;
+    const a = answered;
+    a.sent = true;
+    const box = $("feedback");
+    for (const b of box.querySelectorAll("button")) b.disabled = true;
+    const headers = { "Content-Type": "application/json" };
+    const token = config.labeller ? $("labeller-token").value.trim() : "";
+    if (token) headers.Authorization = `Bearer ${token}`;
+    feedbackStatus.textContent = "Sending…";
+    let res = null;
+    let json = null;
+    try {
+      res = await fetch("/api/feedback", {
+        method: "POST",
+        headers,
+        cache: "no-store",
+        body: JSON.stringify({ model_version: a.version, predicted: a.digit, label, input: a.input }),
+      });
+      json = await res.json().catch(() => null);
+    } catch {
+      res = null;
+    }
+    if (a !== answered) return;
+    if (res && res.ok) {
+      box.setAttribute("data-sent", json && json.trusted ? "trusted" : "unverified");
+      feedbackStatus.textContent =
+        label === a.digit
+          ? `Thanks: recorded that ${label} was right${json && json.trusted ? " (trusted labeller)" : " (unverified)"}.`
+          : `Thanks: recorded that it was a ${label}, not a ${a.digit}${json && json.trusted ? " (trusted labeller)" : " (unverified)"}.`;
+      return;
+    }
+    a.sent = false;
+    for (const b of box.querySelectorAll("button")) b.disabled = false;
+    const msg = json && json.error && json.error.message ? json.error.message : res ? `HTTP ${res.status}` : "the server cannot be reached";
+    feedbackStatus.textContent = `Feedback not sent: ${msg}.`;
+  }
+
+  {
+    const digits = $("feedback-digits");
+    for (let d = 0; d < 10; d++) {
+      const b = el("button", { type: "button", class: "small", text: String(d), "data-label": String(d) });
+      b.setAttribute("aria-label", `It was a ${d}`);
+      b.setAttribute("aria-keyshortcuts", String(d));
+      b.addEventListener("click", () => sendFeedback(d));
+      digits.append(b);
+    }
+    $("feedback-right").addEventListener("click", () => answered && sendFeedback(answered.digit));
+    document.addEventListener("keydown", (e) => {
+      if (!answered || answered.sent || $("feedback").hidden || e.ctrlKey || e.metaKey || e.altKey) return;
+      const t = e.target;
+      if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
+      if (e.key === "y" || e.key === "Y") {
+        e.preventDefault();
+        sendFeedback(answered.digit);
+      } else if (/^[0-9]$/.test(e.key)) {
+        e.preventDefault();
+        sendFeedback(Number(e.key));
+      }
+    });
   }
 
   // ---------------------------------------------------------------- pipeline feed
@@ -357,6 +440,7 @@
     models: new Map(),
     current: null, // { version, at }
     instances: new Map(),
+    live: new Map(), // version -> { set_version, accuracy }
   };
   const time = (s) => {
     const d = new Date(s);
@@ -381,6 +465,10 @@
   }
 
   const handlers = {
+    "feedback.stored": (e) => {
+      const had = state.live.get(e.model_version);
+      if (!had || e.set_version > had.set_version) state.live.set(e.model_version, e);
+    },
     "dataset.ready": (e) => {
       if (!state.dataset || later(e.created_at, state.dataset.created_at)) state.dataset = e;
       activity(e.created_at, `Data set ${e.dataset_id} ${e.reused ? "re-announced" : "ready"}.`);
@@ -552,15 +640,38 @@
         const tr = el(
           "tr",
           { class: isCurrent ? "current" : "", "data-version": m.version },
-          el("td", {}, el("code", { text: m.version })),
-          el("td", { text: m.metrics ? pct(m.metrics.accuracy) : "?" }),
-          el("td", { text: time(m.at) }),
-          el("td", {}, status),
+          el("td", { "data-label": "Version" }, el("code", { text: m.version })),
+          el("td", { "data-label": "Accuracy", text: m.metrics ? pct(m.metrics.accuracy) : "?" }),
+          liveCell(m.version),
+          el("td", { "data-label": "Published", text: time(m.at) }),
+          el("td", { "data-label": "Status" }, status),
         );
         return tr;
       }),
     );
     $("versions").replaceChildren(...rows.map((m) => el("option", { value: m.version })));
+  }
+
+  // A version's accuracy as people judged it: trusted labellers' figure, and the
+  // anonymous one marked unverified.
+  function liveCell(version) {
+    const td = el("td", { "data-label": "Live (feedback)", class: "live" });
+    const live = state.live.get(version);
+    const tally = (t) => (t && t.answers > 0 ? t : null);
+    const trusted = live && tally(live.accuracy.trusted);
+    const unverified = live && tally(live.accuracy.unverified);
+    const share = (t) => `${((t.correct / t.answers) * 100).toFixed(1)} % of ${t.answers}`;
+    if (trusted) {
+      td.setAttribute("data-trusted", `${trusted.correct}/${trusted.answers}`);
+      td.append(el("span", { class: "trusted", text: `${share(trusted)} trusted` }));
+    }
+    if (unverified) {
+      td.setAttribute("data-unverified", `${unverified.correct}/${unverified.answers}`);
+      if (trusted) td.append(el("br"));
+      td.append(el("span", { class: "unverified", text: `${share(unverified)} unverified` }));
+    }
+    if (!trusted && !unverified) td.append(el("span", { class: "hint", text: "no feedback yet" }));
+    return td;
   }
 
   function renderInstances() {
@@ -679,6 +790,7 @@
     .then((r) => (r.ok ? r.json() : null))
     .then((c) => {
       if (c) Object.assign(config, c);
+      if (config.labeller) $("labeller").hidden = false;
       if (config.admin) {
         setUpAdmin();
         render();

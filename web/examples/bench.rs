@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
         digit: 7,
         probabilities: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0],
         model_version: ModelVersion::from("bench"),
+        input: None,
     })?;
     let client = bus.client().clone();
     let mut sub = client.queue_subscribe(bus.subjects().full(subjects::PREDICT), "inference".into()).await?;

@@ -40,6 +40,23 @@ pub fn token_matches(expected: &str, given: &str) -> bool {
     expected.as_slice().ct_eq(given.as_slice()).into()
 }
 
+/// The client a request comes from, as the lockout counts clients (see
+/// [`crate::lockout::client_address`]).
+pub(crate) fn client_of(req: &Request<'_>, state: &AppState) -> std::net::IpAddr {
+    let peer = req.remote().map(|a| a.ip());
+    crate::lockout::client_address(peer, req.headers().get("X-Forwarded-For"), state.config.forwarded_for_hops)
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
+}
+
+/// The bearer token of `Authorization`, if one is given.
+pub(crate) fn bearer<'r>(req: &'r Request<'_>) -> Option<&'r str> {
+    req.headers()
+        .get_one("Authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 #[rocket::async_trait]
 impl<'r> FromRequest<'r> for Admin {
     type Error = ApiError;
@@ -53,20 +70,12 @@ impl<'r> FromRequest<'r> for Admin {
         };
         let now = std::time::Instant::now();
         let peer = req.remote().map(|a| a.ip());
-        let client =
-            crate::lockout::client_address(peer, req.headers().get("X-Forwarded-For"), state.config.forwarded_for_hops)
-                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        let client = client_of(req, state);
         if let Err(left) = state.admin_lockout.check(client, now) {
             state.metrics.admin_auth_failure("locked_out", state.admin_lockout.locked(now));
             return Outcome::Error(locked_out(left).stash(req));
         }
-        let given = req
-            .headers()
-            .get_one("Authorization")
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|t| !t.is_empty());
-        match given {
+        match bearer(req) {
             None => Outcome::Error(
                 ApiError::new(Status::Unauthorized, "the admin token is required (Authorization: Bearer <token>)")
                     .stash(req),
@@ -94,7 +103,7 @@ impl<'r> FromRequest<'r> for Admin {
     }
 }
 
-fn locked_out(left: std::time::Duration) -> ApiError {
+pub(crate) fn locked_out(left: std::time::Duration) -> ApiError {
     let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
     ApiError::new(
         Status::TooManyRequests,
@@ -140,7 +149,7 @@ pub struct PromoteBody {
 /// The most epochs the page may ask for: more is a job for the CLI.
 pub const MAX_EPOCHS: i64 = 100;
 
-fn body<T>(body: Result<Json<T>, rocket::serde::json::Error<'_>>) -> Result<T, ApiError> {
+pub(crate) fn body<T>(body: Result<Json<T>, rocket::serde::json::Error<'_>>) -> Result<T, ApiError> {
     body.map(Json::into_inner).map_err(|e| {
         let status = match e {
             rocket::serde::json::Error::Io(_) => Status::BadRequest,

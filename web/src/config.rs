@@ -11,6 +11,7 @@
 //! | `WEB_MAX_PREDICTIONS` | predictions in flight at once, uploads being read included; more get 503 with `Retry-After` | `64` |
 //! | `WEB_UPLOAD_TIMEOUT_MS` | how long an upload's body may take to arrive (a slow sender is cut off with 408: Rocket 0.5 has no read timeout of its own) | `10000` |
 //! | `WEB_ADMIN_TOKEN` | enables the admin API and controls; at least 16 characters | unset (admin disabled) |
+//! | `WEB_LABELLER_TOKEN` | trusted labellers send it with their feedback (`Authorization: Bearer`), which then counts as trusted; at least 16 characters | unset (all feedback unverified) |
 //! | `WEB_ADMIN_MAX_FAILURES` | wrong admin tokens from one client before it is locked out (`lockout.rs`) | `5` |
 //! | `WEB_ADMIN_LOCKOUT_SECS` | the window those failures are counted in, and how long a lockout lasts | `900` |
 //! | `WEB_FORWARDED_FOR_HOPS` | trusted proxies appending to `X-Forwarded-For`: the client is that many entries from its right (`0`: the TCP peer; Google's Application Load Balancer: `2`) | `0` |
@@ -54,6 +55,8 @@ pub struct Config {
     pub upload_timeout: Duration,
     /// `None` disables the admin API entirely (its routes answer 404).
     pub admin_token: Option<SecretString>,
+    /// Makes feedback that carries it trusted; `None`: all feedback is unverified.
+    pub labeller_token: Option<SecretString>,
     /// Wrong admin tokens from one client before it is locked out.
     pub admin_max_failures: u32,
     /// The window failures are counted in, and the lockout's length.
@@ -79,6 +82,7 @@ impl Config {
         "WEB_MAX_PREDICTIONS",
         "WEB_UPLOAD_TIMEOUT_MS",
         "WEB_ADMIN_TOKEN",
+        "WEB_LABELLER_TOKEN",
         "WEB_ADMIN_MAX_FAILURES",
         "WEB_ADMIN_LOCKOUT_SECS",
         "WEB_FORWARDED_FOR_HOPS",
@@ -126,16 +130,8 @@ impl Config {
         let max_upload_bytes: u64 = positive(&lookup, "WEB_MAX_UPLOAD_BYTES", 1_048_576)?;
         let max_predictions: usize = positive(&lookup, "WEB_MAX_PREDICTIONS", 64)?;
         let upload_ms: u64 = positive(&lookup, "WEB_UPLOAD_TIMEOUT_MS", 10_000)?;
-        let admin_token = lookup("WEB_ADMIN_TOKEN").filter(|v| !v.trim().is_empty()).map(SecretString::from);
-        if let Some(token) = &admin_token {
-            let token = token.expose_secret();
-            if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.trim() != token {
-                return Err(ConfigError::new(
-                    "WEB_ADMIN_TOKEN",
-                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without surrounding spaces"),
-                ));
-            }
-        }
+        let admin_token = token(&lookup, "WEB_ADMIN_TOKEN")?;
+        let labeller_token = token(&lookup, "WEB_LABELLER_TOKEN")?;
         let admin_max_failures: u32 = positive(&lookup, "WEB_ADMIN_MAX_FAILURES", 5)?;
         let admin_lockout_secs: u64 = positive(&lookup, "WEB_ADMIN_LOCKOUT_SECS", 900)?;
         let forwarded_for_hops: usize = var_or(&lookup, "WEB_FORWARDED_FOR_HOPS", 0)?;
@@ -160,6 +156,7 @@ impl Config {
             max_predictions,
             upload_timeout: Duration::from_millis(upload_ms),
             admin_token,
+            labeller_token,
             admin_max_failures,
             admin_lockout: Duration::from_secs(admin_lockout_secs),
             forwarded_for_hops,
@@ -174,6 +171,22 @@ impl Config {
     pub fn admin_enabled(&self) -> bool {
         self.admin_token.is_some()
     }
+}
+
+/// A secret token from `name`: unset or blank is `None`; a set one is at least
+/// [`MIN_ADMIN_TOKEN_LEN`] characters without surrounding spaces.
+fn token(lookup: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<SecretString>, ConfigError> {
+    let token = lookup(name).filter(|v| !v.trim().is_empty()).map(SecretString::from);
+    if let Some(t) = &token {
+        let t = t.expose_secret();
+        if t.chars().count() < MIN_ADMIN_TOKEN_LEN || t.trim() != t {
+            return Err(ConfigError::new(
+                name,
+                format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without surrounding spaces"),
+            ));
+        }
+    }
+    Ok(token)
 }
 
 #[cfg(test)]
@@ -236,6 +249,7 @@ mod tests {
             ("WEB_PREDICT_ATTEMPT_TIMEOUT_MS", "0"),
             ("WEB_MAX_UPLOAD_BYTES", "-1"),
             ("WEB_ADMIN_TOKEN", "short"),
+            ("WEB_LABELLER_TOKEN", "short"),
             ("WEB_EVENTS_REPLAY", "100000"),
             ("WEB_SSE_HEARTBEAT_SECS", "0"),
             ("WEB_MAX_EVENT_STREAMS", "0"),

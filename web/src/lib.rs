@@ -12,6 +12,8 @@
 //! - [`events`]: `GET /api/events`, Server-Sent Events replaying the JetStream
 //!   events stream and then following it live.
 //! - `admin`: `POST /api/admin/{download,train,promote}`, behind `WEB_ADMIN_TOKEN`.
+//! - `feedback`: `POST /api/feedback`, published as `<prefix>.feedback.submitted`
+//!   (trusted with `WEB_LABELLER_TOKEN`, unverified without).
 //! - `security`: security headers (a strict CSP the page satisfies) on every answer.
 //! - `error`: the one mapping from failures to JSON error answers.
 //!
@@ -22,6 +24,7 @@ mod admin;
 pub mod config;
 mod error;
 pub mod events;
+mod feedback;
 pub mod lockout;
 mod metrics;
 mod page;
@@ -117,6 +120,7 @@ fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> 
                 admin::download,
                 admin::train,
                 admin::promote,
+                feedback::feedback,
             ],
         )
         .register("/", catchers![error::default_catcher])

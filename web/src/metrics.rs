@@ -48,6 +48,7 @@ pub struct Metrics {
     admin_lockouts: Counter,
     admin_locked_clients: Gauge,
     csp_reports: Counter,
+    feedback: Family<OutcomeLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,7 +101,14 @@ impl Default for Metrics {
         );
         let csp_reports = Counter::default();
         registry.register("csp_reports", "Content-Security-Policy violation reports received", csp_reports.clone());
+        let feedback = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "feedback",
+            "POST /api/feedback by outcome: trusted, unverified (published), invalid, too_large, wrong_token, locked_out, failed",
+            feedback.clone(),
+        );
         Self {
+            feedback,
             registry,
             http,
             http_seconds,
@@ -147,6 +155,10 @@ impl Metrics {
 
     pub(crate) fn admin_lockout(&self) {
         self.admin_lockouts.inc();
+    }
+
+    pub(crate) fn feedback(&self, outcome: &str) {
+        self.feedback.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }
 
     pub(crate) fn csp_report(&self) {

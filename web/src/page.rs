@@ -52,6 +52,8 @@ pub(crate) fn favicon() -> Asset {
 #[derive(Debug, Serialize)]
 pub(crate) struct PageConfig {
     admin: bool,
+    /// Whether trusted labellers can sign their feedback (`WEB_LABELLER_TOKEN`).
+    labeller: bool,
     max_upload_bytes: u64,
     predict_timeout_ms: u64,
 }
@@ -60,6 +62,7 @@ pub(crate) struct PageConfig {
 pub(crate) fn config(state: &State<AppState>) -> Json<PageConfig> {
     Json(PageConfig {
         admin: state.config.admin_enabled(),
+        labeller: state.config.labeller_token.is_some(),
         max_upload_bytes: state.config.max_upload_bytes,
         predict_timeout_ms: u64::try_from(state.config.predict_timeout.as_millis()).unwrap_or(u64::MAX),
     })

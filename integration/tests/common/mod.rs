@@ -158,6 +158,18 @@ impl Pipeline {
         Inference { app_addr, stage: Stage { token, task: tokio::spawn(async move { app.wait().await }) } }
     }
 
+    /// The feedback stage, serving `/metrics` on the address returned.
+    pub fn start_feedback(&self, overrides: &[(&str, &str)]) -> (SocketAddr, Stage) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], mnistflow_integration::free_port()));
+        let mut vars = vec![("FEEDBACK_ADDR", addr.to_string())];
+        vars.extend(overrides.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let config = mnistflow_feedback::Config::from_lookup(self.env(&vars)).unwrap();
+        let token = CancellationToken::new();
+        let t = token.clone();
+        (addr, Stage { token, task: tokio::spawn(async move { mnistflow_feedback::main_with(config, t).await }) })
+    }
+
     pub async fn start_web(&self) -> (SocketAddr, Stage) {
         self.start_web_with(&[]).await
     }

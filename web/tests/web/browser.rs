@@ -317,6 +317,29 @@ async fn the_page_fits_a_phone_screen_and_its_controls_are_labelled_and_keyboard
     assert!(b.wd.find(Locator::Id("quick-answer")).await.unwrap().text().await.unwrap().starts_with("Answer: 1"));
     let overflow = b.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth").await;
     assert!(overflow.as_i64().unwrap() <= 0, "the page scrolls sideways by {overflow} px on a phone");
+    // The versions table reads without a sideways scroll: every cell of every
+    // row, Published and Status included, lies inside the screen, labelled.
+    let hidden = b
+        .js("const wrap = document.querySelector('.table-wrap');
+             const cells = [...document.querySelectorAll('#models-body td')];
+             const out = cells.filter(td => { const r = td.getBoundingClientRect();
+               return r.width === 0 || r.left < 0 || r.right > document.documentElement.clientWidth; })
+               .map(td => td.dataset.label);
+             if (wrap.scrollWidth > wrap.clientWidth) out.push(`table scrolls by ${wrap.scrollWidth - wrap.clientWidth} px`);
+             return out;")
+        .await;
+    assert_eq!(hidden, json!([]), "versions table cells off a 390 px screen");
+    let labels = b
+        .js("const td = document.querySelector('#models-body tr td[data-label=\"Published\"]');
+             return td ? getComputedStyle(td, '::before').content : null")
+        .await;
+    assert_eq!(labels, json!("\"Published\""), "each cell says which column it is");
+    // The feedback controls fit too, and take the keyboard.
+    assert!(b.visible("#feedback-right").await, "the feedback question shows after an answer");
+    let off = b
+        .js("return [...document.querySelectorAll('#feedback button')].filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth).length")
+        .await;
+    assert_eq!(off, json!(0), "feedback buttons off the screen");
     b.screenshot("phone").await;
     let pad = b.wd.find(Locator::Id("pad")).await.unwrap();
     pad.send_keys("\u{E017}").await.unwrap(); // Delete

@@ -206,7 +206,8 @@ pub fn classify(bytes: &[u8]) -> Result<Prediction, String> {
     // The nearest neighbour breaks ties.
     let digit = if votes.iter().filter(|v| **v == votes[usize::from(digit)]).count() > 1 { best[0].1 } else { digit };
     let probabilities = votes.iter().map(|v| v / k as f32).collect();
-    Ok(Prediction { digit, probabilities, model_version: ModelVersion::from(RESPONDER_VERSION) })
+    let input = x.iter().map(|v| format!("{:02x}", (*v).clamp(0, 255))).collect();
+    Ok(Prediction { digit, probabilities, model_version: ModelVersion::from(RESPONDER_VERSION), input: Some(input) })
 }
 
 /// Waits for `condition` with a deadline.

@@ -1,0 +1,299 @@
+//! The feedback set: what people said about the answers they got, one sample per
+//! [`FeedbackSubmitted`] event, growing and versioned.
+//!
+//! ```text
+//! feedback/mnist/samples/trusted/<client>/<event-id>.json      from trusted labellers
+//! feedback/mnist/samples/unverified/<client>/<event-id>.json   anonymous: live figures only
+//! feedback/mnist/INDEX.json                                     set version, counts, live accuracy per model version
+//! ```
+//!
+//! - **Deduplicated:** a sample's key is its event's id, and it is created
+//!   exclusively (`PutMode::Create`), so a redelivered event, or the same event
+//!   published twice, is stored once and counted once.
+//! - **Bounded per client:** an unverified client may hold at most the limit the
+//!   caller gives (counted by listing that client's own folder, which the limit
+//!   bounds too); more is refused, not stored.
+//! - **Versioned:** the set's version is its number of samples. Each sample
+//!   records the set version that first holds it, so the set as of version `v`
+//!   is the samples with `set_version <= v`; training (later) records the
+//!   version it read. `INDEX.json` is written after the sample, so it never
+//!   counts a sample that is not there; a sample stored by a process that died
+//!   before its index write is counted when its event is redelivered (the
+//!   sample's `set_version` is past the index's).
+//! - **Traceable:** a sample is its event (id, sender's client key, model
+//!   version, both digits, the 28×28 input) plus the delivery that stored it.
+//! - **Atomic:** every object is written whole (see the crate's docs); a
+//!   reader never sees half a sample or half an index.
+//!
+//! One writer at a time: the feedback stage runs as one replica and handles one
+//! delivery at a time (the index is read, then written).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use mnistflow_nats::{FeedbackSubmitted, LiveAccuracy};
+use object_store::path::Path as Key;
+use object_store::{PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// Where the feedback set lives.
+pub const FEEDBACK_PREFIX: &str = "feedback/mnist";
+/// The set's index: its version, counts and live accuracy per model version.
+pub const FEEDBACK_INDEX_KEY: &str = "feedback/mnist/INDEX.json";
+
+/// One stored sample: the event as it arrived, and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackSample {
+    #[serde(flatten)]
+    pub event: FeedbackSubmitted,
+    /// The first version of the set that holds this sample.
+    pub set_version: u64,
+    /// The delivery that stored it (`<stream sequence>:<payload hash>`).
+    pub delivery: String,
+    pub stored_at: DateTime<Utc>,
+}
+
+impl FeedbackSample {
+    /// Whether the model's answer was right.
+    pub fn correct(&self) -> bool {
+        self.event.predicted == self.event.label
+    }
+}
+
+/// `INDEX.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackIndex {
+    /// The set's version: how many samples it holds.
+    pub set_version: u64,
+    pub trusted_samples: u64,
+    pub unverified_samples: u64,
+    /// Live accuracy per model version.
+    #[serde(default)]
+    pub versions: BTreeMap<String, LiveAccuracy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl FeedbackIndex {
+    fn count(&mut self, sample: &FeedbackSample) {
+        self.set_version = self.set_version.max(sample.set_version);
+        let live = self.versions.entry(sample.event.model_version.to_string()).or_default();
+        if sample.event.trusted {
+            self.trusted_samples += 1;
+            live.trusted.add(sample.correct());
+        } else {
+            self.unverified_samples += 1;
+            live.unverified.add(sample.correct());
+        }
+    }
+}
+
+/// What [`Store::store_feedback`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedbackOutcome {
+    /// A new sample, now counted in `index`.
+    Stored { sample: Box<FeedbackSample>, index: FeedbackIndex },
+    /// The event was stored before (by an earlier delivery); nothing new.
+    Duplicate { set_version: u64 },
+    /// The client holds `limit` unverified samples already: refused.
+    OverQuota { limit: usize },
+}
+
+fn trust(trusted: bool) -> &'static str {
+    if trusted { "trusted" } else { "unverified" }
+}
+
+impl Store {
+    /// The key of a sample.
+    pub fn feedback_sample_key(event: &FeedbackSubmitted) -> String {
+        format!("{FEEDBACK_PREFIX}/samples/{}/{}/{}.json", trust(event.trusted), event.client, event.event_id)
+    }
+
+    /// The set's index (empty before the first sample).
+    ///
+    /// # Errors
+    /// A backend error, or a corrupt index.
+    pub async fn feedback_index(&self) -> Result<FeedbackIndex, StoreError> {
+        match self.get_opt(FEEDBACK_INDEX_KEY).await? {
+            None => Ok(FeedbackIndex::default()),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Corrupt { key: FEEDBACK_INDEX_KEY.into(), message: e.to_string() }),
+        }
+    }
+
+    async fn put_feedback_index(&self, index: &FeedbackIndex) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(index)
+            .map_err(|e| StoreError::Corrupt { key: FEEDBACK_INDEX_KEY.into(), message: e.to_string() })?;
+        self.put(FEEDBACK_INDEX_KEY, Bytes::from(bytes)).await
+    }
+
+    /// Stores `event` as a sample (the caller validated it), unless it is stored
+    /// already or its unverified client holds `max_per_client` samples; then
+    /// updates the index. Returns what it did.
+    ///
+    /// # Errors
+    /// A backend error, or a corrupt index or sample; nothing was counted twice.
+    pub async fn store_feedback(
+        &self,
+        event: &FeedbackSubmitted,
+        delivery: &str,
+        max_per_client: usize,
+    ) -> Result<FeedbackOutcome, StoreError> {
+        let key = Self::feedback_sample_key(event);
+        let mut index = self.feedback_index().await?;
+        if let Some(existing) = self.get_opt(&key).await? {
+            let sample: FeedbackSample = serde_json::from_slice(&existing)
+                .map_err(|e| StoreError::Corrupt { key: key.clone(), message: e.to_string() })?;
+            if sample.set_version > index.set_version {
+                // Stored by a delivery that died before its index write.
+                index.count(&sample);
+                index.updated_at = Some(Utc::now());
+                self.put_feedback_index(&index).await?;
+            }
+            return Ok(FeedbackOutcome::Duplicate { set_version: sample.set_version });
+        }
+        if !event.trusted {
+            let folder = format!("{FEEDBACK_PREFIX}/samples/unverified/{}/", event.client);
+            if self.count_under(&folder, max_per_client).await? >= max_per_client {
+                return Ok(FeedbackOutcome::OverQuota { limit: max_per_client });
+            }
+        }
+        let sample = FeedbackSample {
+            event: event.clone(),
+            set_version: index.set_version + 1,
+            delivery: delivery.to_owned(),
+            stored_at: Utc::now(),
+        };
+        let bytes = serde_json::to_vec_pretty(&sample)
+            .map_err(|e| StoreError::Corrupt { key: key.clone(), message: e.to_string() })?;
+        let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.inner.put_opts(&Key::from(key.as_str()), PutPayload::from(bytes), create).await {
+            Ok(_) => {}
+            // Another writer got there first (should not happen with one writer).
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Ok(FeedbackOutcome::Duplicate { set_version: sample.set_version });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        index.count(&sample);
+        index.updated_at = Some(sample.stored_at);
+        self.put_feedback_index(&index).await?;
+        Ok(FeedbackOutcome::Stored { sample: Box::new(sample), index })
+    }
+
+    /// How many objects lie under `prefix`, counting no further than `stop`.
+    async fn count_under(&self, prefix: &str, stop: usize) -> Result<usize, StoreError> {
+        use futures::StreamExt;
+        let mut listing = self.inner.list(Some(&Key::from(prefix)));
+        let mut n = 0;
+        while let Some(item) = listing.next().await {
+            item?;
+            n += 1;
+            if n >= stop {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every sample of the set as of `set_version` (all when `None`), trusted
+    /// ones only when `trusted_only` (what training may use), sorted by set version.
+    ///
+    /// # Errors
+    /// A backend error, or a corrupt sample.
+    pub async fn feedback_samples(
+        &self,
+        set_version: Option<u64>,
+        trusted_only: bool,
+    ) -> Result<Vec<FeedbackSample>, StoreError> {
+        use futures::TryStreamExt;
+        let prefix = if trusted_only {
+            format!("{FEEDBACK_PREFIX}/samples/trusted/")
+        } else {
+            format!("{FEEDBACK_PREFIX}/samples/")
+        };
+        let keys: Vec<String> =
+            self.inner.list(Some(&Key::from(prefix.as_str()))).map_ok(|m| m.location.to_string()).try_collect().await?;
+        let mut samples = Vec::with_capacity(keys.len());
+        for key in keys.iter().filter(|k| k.ends_with(".json")) {
+            let bytes = self.get(key).await?;
+            let sample: FeedbackSample = serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Corrupt { key: key.clone(), message: e.to_string() })?;
+            if set_version.is_none_or(|v| sample.set_version <= v) {
+                samples.push(sample);
+            }
+        }
+        samples.sort_by_key(|s| s.set_version);
+        Ok(samples)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mnistflow_nats::{EventId, ModelVersion};
+
+    use super::*;
+
+    fn event(client: &str, trusted: bool, predicted: u8, label: u8) -> FeedbackSubmitted {
+        FeedbackSubmitted {
+            event_id: EventId::new(),
+            model_version: ModelVersion::from("20261201-000000-abcdef"),
+            predicted,
+            label,
+            input: "00".repeat(784),
+            client: client.into(),
+            trusted,
+            at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn samples_are_stored_once_counted_per_trust_and_bounded_per_unverified_client() {
+        let store = Store::memory();
+        let right = event("ip-a", false, 7, 7);
+        let FeedbackOutcome::Stored { index, .. } = store.store_feedback(&right, "1:x", 2).await.unwrap() else {
+            panic!("not stored")
+        };
+        assert_eq!(index.set_version, 1);
+        assert_eq!(
+            store.store_feedback(&right, "2:x", 2).await.unwrap(),
+            FeedbackOutcome::Duplicate { set_version: 1 }
+        );
+        store.store_feedback(&event("ip-a", false, 7, 1), "3:x", 2).await.unwrap();
+        assert_eq!(
+            store.store_feedback(&event("ip-a", false, 7, 1), "4:x", 2).await.unwrap(),
+            FeedbackOutcome::OverQuota { limit: 2 }
+        );
+        // Another client, and a labeller, are not held back by ip-a's flood.
+        store.store_feedback(&event("ip-b", false, 3, 3), "5:x", 2).await.unwrap();
+        for i in 0..3 {
+            store.store_feedback(&event("labeller", true, 3, 5), &format!("{}:x", 6 + i), 2).await.unwrap();
+        }
+        let index = store.feedback_index().await.unwrap();
+        assert_eq!((index.set_version, index.trusted_samples, index.unverified_samples), (6, 3, 3));
+        let live = index.versions["20261201-000000-abcdef"];
+        assert_eq!((live.unverified.answers, live.unverified.correct), (3, 2));
+        assert_eq!((live.trusted.answers, live.trusted.correct), (3, 0));
+        assert_eq!(store.feedback_samples(None, true).await.unwrap().len(), 3);
+        let as_of_2 = store.feedback_samples(Some(2), false).await.unwrap();
+        assert_eq!(as_of_2.iter().map(|s| s.set_version).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_sample_whose_index_write_was_lost_is_counted_on_redelivery() {
+        let store = Store::memory();
+        let e = event("ip-a", false, 1, 1);
+        store.store_feedback(&e, "1:x", 10).await.unwrap();
+        // The process died after the sample, before the index: the index is the old one.
+        store.put_feedback_index(&FeedbackIndex::default()).await.unwrap();
+        assert_eq!(store.store_feedback(&e, "1:x", 10).await.unwrap(), FeedbackOutcome::Duplicate { set_version: 1 });
+        let index = store.feedback_index().await.unwrap();
+        assert_eq!((index.set_version, index.unverified_samples), (1, 1));
+        // And only once.
+        store.store_feedback(&e, "1:x", 10).await.unwrap();
+        assert_eq!(store.feedback_index().await.unwrap().unverified_samples, 1);
+    }
+}
