@@ -4,7 +4,8 @@
 //! metadata changed after signing), an unsigned one and one signed by a key it
 //! does not trust, while the old version keeps answering; the promoter signs,
 //! once, a store published before signing (the v1 compatibility fixture), which
-//! is then served.
+//! is then served. A signed version in a metadata format newer than this release
+//! reads is refused with the reason (issue 21, item 1).
 
 mod common;
 
@@ -126,9 +127,24 @@ async fn tampered_unsigned_and_untrusted_versions_are_refused_and_the_signed_one
     let error = next_refusal(&mut events, &untrusted).await.error.unwrap_or_default();
     assert!(error.contains(stranger.key_id()) && error.contains("not in the trusted keyring"), "{error}");
 
+    // Signed by the trusted key, but in a metadata format newer than this release
+    // reads (issue 21, item 1): refused with the reason, not misread.
+    let future = common::version("future");
+    publish_signed(&world.store, &tiny_model(47), &future, &key).await;
+    let raw = world.store.get(&key_of(&future, METADATA_FILE)).await.unwrap();
+    let mut value: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    value["schema_version"] = serde_json::json!(3);
+    let bytes = serde_json::to_vec(&value).unwrap();
+    let signature = key.sign(&future, &bytes).to_bytes();
+    world.store.put(&key_of(&future, SIGNATURE_FILE), signature.into()).await.unwrap();
+    world.store.put(&key_of(&future, METADATA_FILE), bytes.into()).await.unwrap();
+    world.store.put(CURRENT_KEY, Bytes::from(format!("{future}\n"))).await.unwrap();
+    let error = next_refusal(&mut events, &future).await.error.unwrap_or_default();
+    assert!(error.contains("schema version 3"), "{error}");
+
     assert_eq!(answered_by(&app.base).await, good.as_str(), "the signed version keeps answering");
     let metrics = app.app().service().metrics.encode();
-    assert!(metrics.contains("inference_reloads_total{outcome=\"refused\"} 3"), "{metrics}");
+    assert!(metrics.contains("inference_reloads_total{outcome=\"refused\"} 4"), "{metrics}");
 
     // A version signed by the trusted key is taken as usual.
     let next = common::version("next");

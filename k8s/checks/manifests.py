@@ -411,7 +411,8 @@ class NatsUnderTest:
     def __init__(self, rendered: dict[str, list[dict]], tmp: Path, overlay: str = "base"):
         docs = rendered[overlay]
         self.files = config_map(docs, "nats-config")["data"]
-        self.secret = next(d for d in rendered["base"] if d["kind"] == "Secret")["stringData"]
+        self.secret = next(d for d in rendered["base"]
+                           if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")["stringData"]
         sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats")
         self.replicas = sts["spec"].get("replicas", 1)
         self.service = sts["spec"]["serviceName"]

@@ -29,7 +29,10 @@ pub mod watch;
 
 pub use current::CurrentPointer;
 pub use signing::{Keyring, SignatureError, SigningKey};
-pub use store::{DatasetManifest, ModelMetadata, SigningMigration, Store, StoreError, sha256_hex};
+pub use store::{
+    DatasetManifest, METADATA_MIN_SCHEMA_VERSION, METADATA_SCHEMA_VERSION, ModelMetadata, SigningMigration, Store,
+    StoreError, sha256_hex,
+};
 
 /// Where data sets live.
 pub const DATASETS_PREFIX: &str = "datasets/mnist";

@@ -48,6 +48,11 @@ pub enum StoreError {
     /// or signed by a key not in the keyring): refused.
     #[error("version {version} refused, signature check failed: {reason}")]
     Signature { version: String, reason: SignatureError },
+    /// A document in a format this release cannot read (written by a newer one).
+    #[error(
+        "{key} has schema version {found}; this release reads {METADATA_MIN_SCHEMA_VERSION} to {METADATA_SCHEMA_VERSION}"
+    )]
+    UnsupportedSchema { key: String, found: String },
 }
 
 impl StoreError {
@@ -71,9 +76,22 @@ pub struct DatasetManifest {
     pub test_count: u64,
 }
 
+/// The `metadata.json` format this release writes. 2: `schema_version` itself
+/// (absent means 1, the format before it), and `metadata.sig` beside it.
+pub const METADATA_SCHEMA_VERSION: u32 = 2;
+/// The oldest `metadata.json` format this release reads (the previous one).
+pub const METADATA_MIN_SCHEMA_VERSION: u32 = 1;
+
+fn schema_v1() -> u32 {
+    1
+}
+
 /// A model version's metadata (its commit marker).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelMetadata {
+    /// The format (see [`METADATA_SCHEMA_VERSION`]); absent in format 1.
+    #[serde(default = "schema_v1")]
+    pub schema_version: u32,
     pub version: ModelVersion,
     pub created_at: DateTime<Utc>,
     /// SHA-256 of `model.pt`, filled in by [`Store::publish_model`].
@@ -96,6 +114,7 @@ impl ModelMetadata {
     /// Metadata for a new version with everything but the identity left empty.
     pub fn new(version: ModelVersion) -> Self {
         Self {
+            schema_version: METADATA_SCHEMA_VERSION,
             version,
             created_at: Utc::now(),
             sha256: String::new(),
@@ -117,6 +136,32 @@ pub struct SigningMigration {
     pub signed: Vec<ModelVersion>,
     /// Versions left unsigned, and why (their model does not match their metadata).
     pub refused: Vec<(ModelVersion, String)>,
+}
+
+impl ModelMetadata {
+    /// Decodes a stored `metadata.json` (at `key`), refusing a schema version
+    /// this release cannot read before decoding the rest: a newer format may not
+    /// decode as this one, and must be named as what it is, not as corrupt.
+    ///
+    /// # Errors
+    /// [`StoreError::UnsupportedSchema`], or [`StoreError::Corrupt`].
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        #[derive(Deserialize)]
+        struct Probe {
+            schema_version: Option<serde_json::Value>,
+        }
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt { key: key.to_owned(), message: e.to_string() };
+        let probe: Probe = serde_json::from_slice(bytes).map_err(corrupt)?;
+        match probe.schema_version {
+            None => {}
+            Some(serde_json::Value::Number(n))
+                if n.as_u64().is_some_and(|v| {
+                    (u64::from(METADATA_MIN_SCHEMA_VERSION)..=u64::from(METADATA_SCHEMA_VERSION)).contains(&v)
+                }) => {}
+            Some(other) => return Err(StoreError::UnsupportedSchema { key: key.to_owned(), found: other.to_string() }),
+        }
+        serde_json::from_slice(bytes).map_err(corrupt)
+    }
 }
 
 /// Lower-case hex SHA-256.
@@ -466,7 +511,11 @@ impl Store {
     /// A backend error or corrupt metadata.
     pub async fn model_metadata(&self, version: &ModelVersion) -> Result<Option<ModelMetadata>, StoreError> {
         Self::check_version(version)?;
-        self.get_json(&format!("{}/{METADATA_FILE}", Self::model_prefix(version))).await
+        let key = format!("{}/{METADATA_FILE}", Self::model_prefix(version));
+        match self.get_opt(&key).await? {
+            None => Ok(None),
+            Some(bytes) => ModelMetadata::decode(&key, &bytes).map(Some),
+        }
     }
 
     /// Every committed version, oldest first. Uncommitted directories (a crash
@@ -483,6 +532,9 @@ impl Store {
                 Ok(None) | Err(StoreError::InvalidVersion(_)) => {}
                 Err(StoreError::Corrupt { key, message }) => {
                     tracing::warn!(%key, error = %message, "Skipping corrupt model metadata.")
+                }
+                Err(e @ StoreError::UnsupportedSchema { .. }) => {
+                    tracing::warn!(error = %e, "Skipping model metadata of a newer format.")
                 }
                 Err(e) => return Err(e),
             }
@@ -541,8 +593,7 @@ impl Store {
         let key_id = keyring
             .verify(version, &raw, signature.as_deref())
             .map_err(|reason| StoreError::Signature { version: version.0.clone(), reason })?;
-        let metadata: ModelMetadata = serde_json::from_slice(&raw)
-            .map_err(|e| StoreError::Corrupt { key: metadata_key.clone(), message: e.to_string() })?;
+        let metadata = ModelMetadata::decode(&metadata_key, &raw)?;
         if &metadata.version != version {
             return Err(StoreError::Corrupt {
                 key: metadata_key,
@@ -608,8 +659,8 @@ impl Store {
             if self.get_opt(&signature_key).await?.is_some() {
                 continue;
             }
-            let checked = match serde_json::from_slice::<ModelMetadata>(&raw) {
-                Err(e) => Err(format!("metadata does not decode: {e}")),
+            let checked = match ModelMetadata::decode(&format!("{prefix}/{METADATA_FILE}"), &raw) {
+                Err(e) => Err(e.to_string()),
                 Ok(metadata) if metadata.version != version => {
                     Err(format!("metadata describes version {}", metadata.version))
                 }
