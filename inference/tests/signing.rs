@@ -13,9 +13,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{World, http, small_png, tiny_model};
+use common::{World, http, next_refusal, small_png, tiny_model};
 use mnistflow_integration::wait_until;
-use mnistflow_nats::{InferenceLoaded, ModelVersion, Received, TypedSubscriber};
+use mnistflow_nats::{InferenceLoaded, ModelVersion};
 use mnistflow_store::signing::{SIGNATURE_FILE, public_key_path};
 use mnistflow_store::{
     CURRENT_KEY, METADATA_FILE, MODEL_FILE, ModelMetadata, SIGNING_MIGRATED_KEY, SigningKey, Store, sha256_hex,
@@ -23,22 +23,6 @@ use mnistflow_store::{
 use tokio_util::sync::CancellationToken;
 
 const V1_FIXTURE: &str = include_str!("../../store/tests/compat/v1/metadata.json");
-
-/// The next refusal of `version` (`inference.loaded` with `ok: false`).
-async fn next_refusal(events: &mut TypedSubscriber<InferenceLoaded>, version: &ModelVersion) -> InferenceLoaded {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(Received::Message(e)) = events.next().await
-                && !e.ok
-                && e.refused.as_ref() == Some(version)
-            {
-                return e;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("a refusal of {version} (inference.loaded, ok false) within 30 s"))
-}
 
 async fn publish_signed(store: &Store, model: &[u8], version: &ModelVersion, key: &SigningKey) {
     store.publish_signed_model(Bytes::copy_from_slice(model), ModelMetadata::new(version.clone()), key).await.unwrap();
