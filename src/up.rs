@@ -149,6 +149,13 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
     // environment, with the settings that make one process work overriding it.
     let store_url = store.url().to_owned();
     let web_addr = args.address.clone();
+    // The model-signing key, generated once (0600) beside the store: the
+    // trainer and the promoter sign with it, inference trusts its public half,
+    // as in the cluster (README, "Signed model versions").
+    let key_path = args.home.join("keys/model-signing.pem");
+    mnistflow_store::SigningKey::read_or_generate(&key_path)
+        .with_context(|| format!("the local model-signing key {}", key_path.display()))?;
+    let public_path = mnistflow_store::signing::public_key_path(&key_path);
     let overrides: Vec<(&'static str, String)> = vec![
         ("NATS_URL", nats_url.clone()),
         ("STORE_URL", store_url),
@@ -166,6 +173,9 @@ pub async fn up(args: UpArgs, shutdown: CancellationToken) -> Result<Exit, CliEr
         ("WEB_METRICS_ADDR", format!("{web_addr}:0")),
         ("INFERENCE_INSTANCE", "inference-local".into()),
         ("FEEDBACK_ADDR", format!("{web_addr}:0")),
+        ("TRAINER_SIGNING_KEY", key_path.display().to_string()),
+        ("INFERENCE_SIGNING_KEY", key_path.display().to_string()),
+        ("INFERENCE_TRUSTED_KEYS", public_path.display().to_string()),
     ];
     let lookup = move |key: &str| -> Option<String> {
         overrides

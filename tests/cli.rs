@@ -267,6 +267,20 @@ fn up_brings_the_pipeline_up_from_nothing_and_a_second_up_reuses_its_data_and_mo
         .filter(|e| e.as_ref().unwrap().path().join("metadata.json").is_file())
         .count();
     assert_eq!(versions, 1, "one model trained in all");
+    // Signed locally as in the cluster: one key, generated once (0600), and the
+    // version inference served is signed with it.
+    let key = home.path().join("keys/model-signing.pem");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let signature: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.path().join(format!("store/models/mnist-cnn/{first}/metadata.sig"))).unwrap(),
+    )
+    .unwrap();
+    let key_id = mnistflow_store::SigningKey::read(&key).unwrap().key_id().to_owned();
+    assert_eq!(signature["key_id"], key_id.as_str(), "signed with the local key");
     let datasets = std::fs::read_dir(home.path().join("store/datasets/mnist")).unwrap().count();
     assert_eq!(datasets, 1, "one data set downloaded in all");
 }

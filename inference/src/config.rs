@@ -22,12 +22,17 @@
 //! | `INFERENCE_PROMOTER` | consume `model.promote` commands here (off in Kubernetes: the promoter Deployment does) | `true` |
 //! | `INFERENCE_ROLE` | `serve`, or `promoter`: only the `model.promote` consumer and health probes | `serve` |
 //! | `INFERENCE_MAX_MODEL_BYTES` | largest model a version may hold; a bigger one is refused before it is read | `67108864` (64 MiB) |
+//! | `INFERENCE_TRUSTED_KEYS` | the keyring: a PEM public key file, or a directory of them; a version not signed by one of these keys is refused | unset: versions load unverified (a warning; `mnistflow up` and the manifests set it) |
+//! | `INFERENCE_SIGNING_KEY` | the promoter's private key file (PKCS#8 PEM): it signs, once, the versions published before signing | unset: no migration |
 
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mnistflow_nats::{ConfigError, ModelVersion, NatsConfig};
 use mnistflow_runtime::env::{self, flag, positive, positive_secs, var, var_or};
+use mnistflow_store::{Keyring, SigningKey};
 use mnistflow_torch::Precision;
 
 /// The default decode budget, sized to a 1 GiB pod (k8s/base/inference.yaml):
@@ -102,6 +107,12 @@ pub struct Config {
     /// The largest model a version may hold (`INFERENCE_MAX_MODEL_BYTES`,
     /// default 64 MiB): a bigger one is refused before it is read into memory.
     pub max_model_bytes: u64,
+    /// The public keys a version must be signed with (`INFERENCE_TRUSTED_KEYS`);
+    /// `None`: versions are loaded without a signature check.
+    pub keyring: Option<Keyring>,
+    /// The promoter's private key (`INFERENCE_SIGNING_KEY`), for the one-time
+    /// migration of versions published before signing. Serving pods never hold it.
+    pub signing_key: Option<Arc<SigningKey>>,
 }
 
 /// What an inference process runs.
@@ -128,6 +139,8 @@ impl Config {
         "INFERENCE_MAX_DIMENSION",
         "INFERENCE_DECODE_BUDGET_BYTES",
         "INFERENCE_MAX_MODEL_BYTES",
+        "INFERENCE_TRUSTED_KEYS",
+        "INFERENCE_SIGNING_KEY",
         "INFERENCE_PRECISION",
         "INFERENCE_REQUEST_TIMEOUT_MS",
         "INFERENCE_MODEL_VERSION",
@@ -214,6 +227,18 @@ impl Config {
                 }
             },
             max_model_bytes: positive(&lookup, "INFERENCE_MAX_MODEL_BYTES", 64 * 1024 * 1024)?,
+            keyring: match var::<PathBuf>(&lookup, "INFERENCE_TRUSTED_KEYS")? {
+                None => None,
+                Some(path) => {
+                    Some(Keyring::read(&path).map_err(|e| ConfigError::new("INFERENCE_TRUSTED_KEYS", e.to_string()))?)
+                }
+            },
+            signing_key: match var::<PathBuf>(&lookup, "INFERENCE_SIGNING_KEY")? {
+                None => None,
+                Some(path) => Some(Arc::new(
+                    SigningKey::read(&path).map_err(|e| ConfigError::new("INFERENCE_SIGNING_KEY", e.to_string()))?,
+                )),
+            },
         })
     }
 }

@@ -95,12 +95,14 @@ impl App {
             poll: config.poll,
             precision: config.precision,
             max_model_bytes: config.max_model_bytes,
+            keyring: config.keyring.clone(),
         };
         tracker.spawn(reloader.run(shutdown.clone()));
         if config.promoter {
             let (bus, store, shutdown) = (bus.clone(), store.clone(), shutdown.clone());
+            let key = config.signing_key.clone();
             tracker.spawn(async move {
-                if let Err(e) = promoter::run(bus, store, shutdown).await {
+                if let Err(e) = promoter::run(bus, store, key, shutdown).await {
                     error!(error = %e, "The model.promote consumer stopped.");
                 }
             });

@@ -7,13 +7,19 @@
 //! `INFERENCE_ROLE=promoter`): the serving pods mount the store read-only and
 //! never write a model or `CURRENT`. Locally (`mnistflow up`, tests) every
 //! inference instance also runs it (`INFERENCE_PROMOTER`, default true).
+//!
+//! With the model-signing key (`INFERENCE_SIGNING_KEY`) it first migrates the
+//! store to signed versions, once ([`Store::sign_unsigned_versions`]): the
+//! versions published before signing existed are signed, so that inference with a
+//! keyring keeps serving them after the upgrade.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
 use mnistflow_nats::{Bus, BusError, ModelPromote, WorkQueueOptions};
-use mnistflow_store::{Store, StoreError};
+use mnistflow_store::{SigningKey, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -29,7 +35,7 @@ use crate::Config;
 /// server cannot bind.
 pub async fn serve(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     bus.ensure_streams().await?;
-    let consumer = tokio::spawn(run(bus.clone(), store, shutdown.clone()));
+    let consumer = tokio::spawn(run(bus.clone(), store, config.signing_key.clone(), shutdown.clone()));
     let mut rc = mnistflow_runtime::http::config(SocketAddr::new(config.address, config.port), Duration::from_secs(1));
     rc.workers = 2;
     rc.ident = rocket::config::Ident::try_new("mnistflow-promoter").unwrap_or_default();
@@ -64,16 +70,53 @@ fn readyz(bus: &rocket::State<Bus>) -> (rocket::http::Status, &'static str) {
     }
 }
 
-/// Consumes `model.promote` until `shutdown`.
+/// Signs the versions published before signing (once per store; with `key`),
+/// then consumes `model.promote` until `shutdown`.
 ///
 /// # Errors
 /// The work queue cannot be bound (stream missing).
-pub async fn run(bus: Bus, store: Store, shutdown: CancellationToken) -> Result<(), BusError> {
+pub async fn run(
+    bus: Bus,
+    store: Store,
+    key: Option<Arc<SigningKey>>,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    match key {
+        Some(key) => migrate(&store, &key, &shutdown).await,
+        None => warn!("INFERENCE_SIGNING_KEY is unset: versions published before signing are not migrated here."),
+    }
     let options = WorkQueueOptions::default();
     let mut queue = bus.work_queue::<ModelPromote>(options).await?;
     let result = work::run(&mut queue, &Promoter { store }, options.ack_wait, Take::All, &shutdown).await;
     info!("Promoter stopped.");
     result.map(|_| ())
+}
+
+/// Signs the versions published before signing, retrying a store outage until
+/// `shutdown` (the consumer starts meanwhile only after it: a promotion of an
+/// old version then finds it signed).
+async fn migrate(store: &Store, key: &SigningKey, shutdown: &CancellationToken) {
+    loop {
+        match store.sign_unsigned_versions(key).await {
+            Ok(report) if report.already_done => {
+                info!(key_id = key.key_id(), "Versions published before signing were migrated before.");
+            }
+            Ok(report) => {
+                let signed: Vec<&str> = report.signed.iter().map(|v| v.as_str()).collect();
+                let refused: Vec<&str> = report.refused.iter().map(|(v, _)| v.as_str()).collect();
+                info!(key_id = key.key_id(), ?signed, ?refused, "Versions published before signing migrated.");
+            }
+            Err(e) => {
+                warn!(error = %e, "Signing the versions published before signing failed; will retry.");
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                }
+            }
+        }
+        return;
+    }
 }
 
 struct Promoter {

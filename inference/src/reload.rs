@@ -4,10 +4,13 @@
 //! SHA-256 (the store does), warm up (the model does), then swap atomically.
 //!
 //! A version that fails is refused: the old model keeps serving, a
-//! `mnist.inference.loaded` event with `ok: false` says why, and the version is
+//! `mnist.inference.loaded` event with `ok: false` says why (also for a version
+//! whose signature a configured keyring does not accept: unsigned, changed after
+//! signing, or signed by an untrusted key), and the version is
 //! not tried again until `CURRENT` names it anew. Transient store errors (the
-//! backend unreachable, a pinned version not yet published) are retried on the
-//! poll interval and reported once.
+//! backend unreachable, a pinned version not yet published) and an unsigned
+//! version (the promoter may not have migrated it yet) are retried on the poll
+//! interval and reported once.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mnistflow_nats::{Bus, InferenceLoaded, ModelPublished, ModelVersion, Received};
-use mnistflow_store::{ModelMetadata, Store, StoreError};
+use mnistflow_store::{Keyring, ModelMetadata, SignatureError, Store, StoreError};
 use mnistflow_torch::Precision;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -83,6 +86,8 @@ pub struct Reloader {
     pub precision: Precision,
     /// A version whose model is larger is refused before it is read.
     pub max_model_bytes: u64,
+    /// A version must be signed by one of these keys; `None`: no signature check.
+    pub keyring: Option<Keyring>,
 }
 
 /// The outcome of one attempt, for the bookkeeping of [`Reloader::run`].
@@ -115,6 +120,10 @@ impl Reloader {
                 None
             }
         };
+        match &self.keyring {
+            Some(ring) => info!(trusted_keys = ?ring.key_ids(), "Model versions must be signed by a trusted key."),
+            None => warn!("INFERENCE_TRUSTED_KEYS is unset: model versions are loaded without a signature check."),
+        }
         let mut ticker = tokio::time::interval(self.poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refused: Option<ModelVersion> = None;
@@ -179,9 +188,24 @@ impl Reloader {
     /// Loads, verifies, warms up and swaps in `version`.
     async fn load(&self, loader: &Loader, version: &ModelVersion) -> Attempt {
         let started = Instant::now();
-        let (bytes, metadata) = match self.store.load_model_within(version, self.max_model_bytes).await {
+        let loaded = match &self.keyring {
+            Some(ring) => self
+                .store
+                .load_verified_model_within(version, self.max_model_bytes, ring)
+                .await
+                .map(|(bytes, metadata, key_id)| (bytes, metadata, Some(key_id))),
+            None => self.store.load_model_within(version, self.max_model_bytes).await.map(|(b, m)| (b, m, None)),
+        };
+        let (bytes, metadata, signed_by) = match loaded {
             Ok(loaded) => loaded,
-            Err(e @ (StoreError::NotFound(_) | StoreError::Backend(_) | StoreError::Io(_))) => {
+            // An unsigned version may yet be signed (the promoter's migration runs
+            // at its start, maybe after this pod's): tried again on every poll.
+            Err(
+                e @ (StoreError::NotFound(_)
+                | StoreError::Backend(_)
+                | StoreError::Io(_)
+                | StoreError::Signature { reason: SignatureError::Unsigned, .. }),
+            ) => {
                 return Attempt::Transient(e.to_string());
             }
             Err(e) => return self.refuse(version, &e.to_string(), started).await,
@@ -194,7 +218,7 @@ impl Reloader {
         let previous = self.slot.swap(model);
         self.metrics.serving(version.as_str());
         self.metrics.reload(true);
-        info!(%version, previous = ?previous.as_ref().map(|m| m.version.as_str()), load_ms, "Model loaded and serving.");
+        info!(%version, previous = ?previous.as_ref().map(|m| m.version.as_str()), ?signed_by, load_ms, "Model loaded and serving.");
         // The previous model is freed when the last batch holding it ends.
         if let Some(previous) = previous {
             loader.release(previous);

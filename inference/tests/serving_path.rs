@@ -5,24 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{World, http, small_png, tiny_model};
-use mnistflow_nats::{InferenceLoaded, ModelPromote, ModelVersion, Received, TypedSubscriber};
+use common::{World, http, next_refusal, small_png, tiny_model};
+use mnistflow_nats::{InferenceLoaded, ModelPromote};
 use tokio_util::sync::CancellationToken;
-
-async fn next_refusal(events: &mut TypedSubscriber<InferenceLoaded>, version: &ModelVersion) -> InferenceLoaded {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(Received::Message(e)) = events.next().await
-                && !e.ok
-                && e.refused.as_ref() == Some(version)
-            {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("a refusal (inference.loaded, ok false) within 30 s")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_over_the_size_limit_is_refused_unread_and_the_old_one_keeps_serving() {

@@ -50,6 +50,10 @@ users: [{name: offline, user: {token: offline}}]
 contexts: [{name: offline, context: {cluster: offline, user: offline}}]
 current-context: offline
 """
+# Key files the guide makes with openssl (the model-signing key pair): made for real in a
+# scratch directory, so that the kubectl commands reading them (--from-file) are checked.
+KEY_COMMANDS = {"genpkey", "pkey"}
+SCRATCH: Path | None = None
 NO_SERVER = re.compile(r"connection to the server|connection refused|unable to recognize|"
                        r"couldn't get current server|Unable to connect to the server", re.I)
 
@@ -162,6 +166,14 @@ def check_kubectl(args: list[str], kubeconfig: Path) -> tuple[str, str]:
             return "fail", f"{args[args.index(flag) + 1]} is not a directory of this repository"
     if not KUBECTL.exists() and not shutil.which("kubectl"):
         return "unverified", "no kubectl here"
+    if SCRATCH is not None:
+        made = []
+        for a in args:
+            m = re.fullmatch(r"--from-file=((?:[^=]+=)?)([^=]+)", a)
+            if m and not (ROOT / m.group(2)).exists() and (SCRATCH / m.group(2)).exists():
+                a = f"--from-file={m.group(1)}{SCRATCH / m.group(2)}"
+            made.append(a)
+        args = made
     try:
         proc = subprocess.run([str(KUBECTL if KUBECTL.exists() else "kubectl"), *args, "--request-timeout=2s"],
                               cwd=ROOT, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
@@ -202,6 +214,11 @@ def check(words: list[str], kubeconfig: Path) -> tuple[str, str]:
         if not os.access(path, os.X_OK):
             return "fail", f"{prog} is not executable"
         return "unverified", "exists and is executable; not run here (it builds, pushes or sets up)"
+    if prog == "openssl" and len(words) > 1 and words[1] in KEY_COMMANDS and SCRATCH is not None:
+        proc = subprocess.run(words, cwd=SCRATCH, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            return "fail", (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return "ok", "ran in a scratch directory"
     if prog in LOCAL:
         return "ok", "a local helper, not run"
     return "unverified", f"no {prog} here" if not shutil.which(prog) else f"{prog} is not run here (it acts on real resources)"
@@ -213,6 +230,9 @@ def lint(paths: list[Path]) -> list[tuple[str, str, str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         kubeconfig = Path(tmp) / "kubeconfig"
         kubeconfig.write_text(OFFLINE_KUBECONFIG)
+        global SCRATCH
+        SCRATCH = Path(tmp) / "files"
+        SCRATCH.mkdir()
         for path in paths:
             for heading, text in sections(path):
                 env: dict[str, str] = {}

@@ -52,8 +52,12 @@
              volume of a claim that exists in the overlay; gs:// and s3:// mount none
   serving-path  serving inference mounts the store read-only (mount and claim) and
              runs without the in-process promoter; a promoter Deployment (the
-             inference binary, INFERENCE_ROLE=promoter) executes model.promote; the
-             check rejects the base with each of those undone
+             inference binary, INFERENCE_ROLE=promoter) executes model.promote;
+             serving inference never mounts or references the private model-signing
+             key (Secret mnistflow-model-signing) and verifies with a keyring on a
+             ConfigMap volume (INFERENCE_TRUSTED_KEYS); the trainer and the promoter
+             sign with a file of that Secret; the check rejects the base with each
+             of those undone
   store-permissions  on the GKE overlays every pod that mounts a claim uses a Filestore
              class (whose CSI driver lets the kubelet apply fsGroup) and runs as a
              non-root uid whose group is the pod's fsGroup, OnRootMismatch: the share
@@ -412,7 +416,8 @@ class NatsUnderTest:
         # Mounted certificate folders (/etc/nats-tls/server, ...) -> folders made here.
         self.tls_dirs = tls_dirs or {}
         self.files = config_map(docs, "nats-config")["data"]
-        self.secret = next(d for d in rendered["base"] if d["kind"] == "Secret")["stringData"]
+        self.secret = next(d for d in rendered["base"]
+                           if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")["stringData"]
         sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats")
         self.replicas = sts["spec"].get("replicas", 1)
         self.service = sts["spec"]["serviceName"]
@@ -929,6 +934,67 @@ def serving_path_problems(docs: list[dict]) -> list[str]:
                                     "(volumeMount and persistentVolumeClaim both need readOnly: true)")
     if serving and not promoters:
         problems.append("no promoter Deployment (the inference binary with INFERENCE_ROLE=promoter) executes model.promote")
+    return problems + signing_problems(docs)
+
+
+SIGNING_SECRET = "mnistflow-model-signing"
+
+
+def mounted_from(spec: dict, container: dict, path: str) -> dict | None:
+    """The volume a path in the container lies on (None when on no volume)."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        mount = m["mountPath"].rstrip("/")
+        if path == mount or path.startswith(mount + "/"):
+            return volumes.get(m["name"])
+    return None
+
+
+def secrets_of(volume: dict) -> set[str]:
+    """The Secrets a volume exposes (a secret volume, or a projected one's sources)."""
+    names = {volume["secret"]["secretName"]} if "secret" in volume else set()
+    for source in (volume.get("projected") or {}).get("sources", []):
+        if "secret" in source:
+            names.add(source["secret"]["name"])
+    return names
+
+
+def signing_problems(docs: list[dict]) -> list[str]:
+    """Issue 14 item 3, signed versions: the private model-signing key (Secret
+    mnistflow-model-signing) reaches the trainer and the promoter, and never a
+    serving inference pod, which verifies with a keyring of public keys
+    (INFERENCE_TRUSTED_KEYS on a ConfigMap volume)."""
+    problems = []
+    for d, spec in pod_specs(docs):
+        what = f"{d['kind']}/{d['metadata']['name']}"
+        for c in spec["containers"]:
+            binary = binary_name(c)
+            env = container_env(docs, c)
+            if binary == "inference" and env.get("INFERENCE_ROLE") != "promoter":
+                mounted = set()
+                for v in spec.get("volumes", []):
+                    mounted |= secrets_of(v)
+                refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                        if "secretKeyRef" in (e.get("valueFrom") or {})}
+                refs |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+                if SIGNING_SECRET in mounted | refs:
+                    problems.append(f"{what}: serving inference can read the private model-signing key ({SIGNING_SECRET})")
+                if "INFERENCE_SIGNING_KEY" in env:
+                    problems.append(f"{what}: serving inference sets INFERENCE_SIGNING_KEY")
+                keys = env.get("INFERENCE_TRUSTED_KEYS")
+                volume = mounted_from(spec, c, keys) if keys else None
+                if not keys:
+                    problems.append(f"{what}: serving inference has no keyring (INFERENCE_TRUSTED_KEYS): it would load unsigned versions")
+                elif not volume or "configMap" not in volume:
+                    problems.append(f"{what}: INFERENCE_TRUSTED_KEYS={keys} is not on a ConfigMap volume")
+                continue
+            var = {"trainer": "TRAINER_SIGNING_KEY", "inference": "INFERENCE_SIGNING_KEY"}.get(binary)
+            if var is None:
+                continue
+            path = env.get(var)
+            volume = mounted_from(spec, c, path) if path else None
+            if not path or not volume or SIGNING_SECRET not in secrets_of(volume):
+                problems.append(f"{what}: {binary} does not sign: {var} is not a file of the Secret {SIGNING_SECRET}")
     return problems
 
 
@@ -962,14 +1028,32 @@ def serving_path(rendered: dict[str, list[dict]]) -> None:
             d["spec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(
                 {"name": "INFERENCE_PROMOTER", "value": "true"})
 
+    def key_in_inference(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "inference":
+            d["spec"]["template"]["spec"]["volumes"].append(
+                {"name": "leak", "projected": {"sources": [{"secret": {"name": SIGNING_SECRET}}]}})
+
+    def no_keyring(d: dict) -> None:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "inference":
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            c["env"] = [e for e in c["env"] if e["name"] != "INFERENCE_TRUSTED_KEYS"]
+
+    def unsigned_trainer(d: dict) -> None:
+        if d["kind"] == "ScaledJob":
+            c = d["spec"]["jobTargetRef"]["template"]["spec"]["containers"][0]
+            c["env"] = [e for e in c["env"] if e["name"] != "TRAINER_SIGNING_KEY"]
+
     for label, change in [("a writable store mount", writable), ("no promoter Deployment", no_promoter),
-                          ("INFERENCE_PROMOTER=true", in_process)]:
+                          ("INFERENCE_PROMOTER=true", in_process),
+                          ("the signing key mounted in inference", key_in_inference),
+                          ("no keyring in inference", no_keyring), ("an unsigning trainer", unsigned_trainer)]:
         if not serving_path_problems(mutated(change)):
             fail(f"serving-path check accepts the base with {label}")
             bad += 1
     if not bad:
-        ok(f"{len(rendered)} renders: serving inference mounts the store read-only and leaves model.promote to the "
-           "promoter Deployment (rejected: a writable mount, no promoter, INFERENCE_PROMOTER=true)")
+        ok(f"{len(rendered)} renders: serving inference mounts the store read-only, leaves model.promote to the "
+           "promoter Deployment, verifies with public keys only; trainer and promoter sign (rejected: a writable "
+           "mount, no promoter, INFERENCE_PROMOTER=true, the signing key in inference, no keyring, an unsigning trainer)")
 
 
 def backup_problems(docs: list[dict]) -> list[str]:
@@ -1508,6 +1592,24 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
             env["STORE_URL"] = str(store)
         if "DOWNLOADER_TMP_DIR" in env:
             env["DOWNLOADER_TMP_DIR"] = str(tmp)
+        # Secret and ConfigMap volumes (the model-signing key, the keyring) become
+        # directories holding their keys; paths into them follow.
+        objects = {(o["kind"], o["metadata"]["name"]): o for o in docs if o["kind"] in ("ConfigMap", "Secret")}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for m in c.get("volumeMounts", []):
+            v = volumes.get(m["name"], {})
+            source = ("Secret", v["secret"]["secretName"]) if "secret" in v else (
+                ("ConfigMap", v["configMap"]["name"]) if "configMap" in v else None)
+            if source is None or source not in objects:
+                continue
+            local = tmp / "volumes" / kind / name / m["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            for key, value in (objects[source].get("stringData") or objects[source].get("data") or {}).items():
+                (local / key).write_text(value)
+                (local / key).chmod(0o600)
+            for var, value in env.items():
+                if value == m["mountPath"] or value.startswith(m["mountPath"].rstrip("/") + "/"):
+                    env[var] = str(local) + value[len(m["mountPath"].rstrip("/")):]
         mapping = {}
         for container_port, var in listen_port(c, env).items():
             host = free_port()

@@ -7,6 +7,7 @@
 //! datasets/mnist/<dataset-id>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 //! datasets/mnist/<dataset-id>/manifest.json      written last: the data set's commit marker
 //! models/mnist-cnn/<version>/model.pt            TorchScript
+//! models/mnist-cnn/<version>/metadata.sig        the metadata's ed25519 signature (see [`signing`])
 //! models/mnist-cnn/<version>/metadata.json       written last, holds model.pt's SHA-256
 //! models/mnist-cnn/CURRENT                       the version to serve, moved only to complete versions
 //! feedback/mnist/samples/{trusted,unverified}/<client>/<event-id>.json   one sample per feedback event
@@ -20,17 +21,23 @@
 //! rename locally, a single PUT or completed multipart upload remotely).
 //!
 //! Parts: [`Store`] (open, datasets, models, promote), [`watch`] (follow `CURRENT`),
-//! [`idx`] (the MNIST file format), [`feedback`] (the feedback set).
+//! [`idx`] (the MNIST file format), [`feedback`] (the feedback set), [`signing`]
+//! (signed versions: keys, keyring).
 
 mod current;
 pub mod feedback;
 pub mod idx;
+pub mod signing;
 mod store;
 pub mod watch;
 
 pub use current::CurrentPointer;
 pub use feedback::{FEEDBACK_INDEX_KEY, FEEDBACK_PREFIX, FeedbackIndex, FeedbackOutcome, FeedbackSample};
-pub use store::{DatasetManifest, ModelMetadata, Store, StoreError, sha256_hex};
+pub use signing::{Keyring, SignatureError, SigningKey};
+pub use store::{
+    DatasetManifest, METADATA_MIN_SCHEMA_VERSION, METADATA_SCHEMA_VERSION, ModelMetadata, SigningMigration, Store,
+    StoreError, sha256_hex,
+};
 
 /// Where data sets live.
 pub const DATASETS_PREFIX: &str = "datasets/mnist";
@@ -41,6 +48,9 @@ pub const CURRENT_KEY: &str = "models/mnist-cnn/CURRENT";
 /// On a local or shared directory: one record per move of `CURRENT`, created
 /// exclusively (the compare-and-set; see [`CurrentPointer`]).
 pub const CURRENT_LOG_PREFIX: &str = "models/mnist-cnn.current";
+/// Written once the versions published before signing were signed
+/// ([`Store::sign_unsigned_versions`]).
+pub const SIGNING_MIGRATED_KEY: &str = "models/mnist-cnn.signing-migrated.json";
 /// A data set's commit marker.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// A model version's TorchScript file.

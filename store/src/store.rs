@@ -13,7 +13,10 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info};
 
-use crate::{CURRENT_KEY, DATASETS_PREFIX, MANIFEST_FILE, METADATA_FILE, MODEL_FILE, MODELS_PREFIX};
+use crate::signing::{Keyring, SIGNATURE_FILE, SignatureError, SigningKey};
+use crate::{
+    CURRENT_KEY, DATASETS_PREFIX, MANIFEST_FILE, METADATA_FILE, MODEL_FILE, MODELS_PREFIX, SIGNING_MIGRATED_KEY,
+};
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,15 @@ pub enum StoreError {
     /// Another promotion moved `CURRENT` after it was read (compare-and-set lost).
     #[error("conflict: CURRENT is no longer {expected} (moving it to {wanted}): {detail}")]
     Conflict { expected: String, wanted: String, detail: String },
+    /// A version is not vouched for by a trusted key (unsigned, tampered with,
+    /// or signed by a key not in the keyring): refused.
+    #[error("version {version} refused, signature check failed: {reason}")]
+    Signature { version: String, reason: SignatureError },
+    /// A document in a format this release cannot read (written by a newer one).
+    #[error(
+        "{key} has schema version {found}; this release reads {METADATA_MIN_SCHEMA_VERSION} to {METADATA_SCHEMA_VERSION}"
+    )]
+    UnsupportedSchema { key: String, found: String },
 }
 
 impl StoreError {
@@ -64,9 +76,22 @@ pub struct DatasetManifest {
     pub test_count: u64,
 }
 
+/// The `metadata.json` format this release writes. 2: `schema_version` itself
+/// (absent means 1, the format before it), and `metadata.sig` beside it.
+pub const METADATA_SCHEMA_VERSION: u32 = 2;
+/// The oldest `metadata.json` format this release reads (the previous one).
+pub const METADATA_MIN_SCHEMA_VERSION: u32 = 1;
+
+fn schema_v1() -> u32 {
+    1
+}
+
 /// A model version's metadata (its commit marker).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelMetadata {
+    /// The format (see [`METADATA_SCHEMA_VERSION`]); absent in format 1.
+    #[serde(default = "schema_v1")]
+    pub schema_version: u32,
     pub version: ModelVersion,
     pub created_at: DateTime<Utc>,
     /// SHA-256 of `model.pt`, filled in by [`Store::publish_model`].
@@ -89,6 +114,7 @@ impl ModelMetadata {
     /// Metadata for a new version with everything but the identity left empty.
     pub fn new(version: ModelVersion) -> Self {
         Self {
+            schema_version: METADATA_SCHEMA_VERSION,
             version,
             created_at: Utc::now(),
             sha256: String::new(),
@@ -98,6 +124,43 @@ impl ModelMetadata {
             hyperparameters: serde_json::Value::Null,
             extra: serde_json::Map::new(),
         }
+    }
+}
+
+/// What [`Store::sign_unsigned_versions`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SigningMigration {
+    /// The migration had run before: nothing was looked at.
+    pub already_done: bool,
+    /// Versions signed now.
+    pub signed: Vec<ModelVersion>,
+    /// Versions left unsigned, and why (their model does not match their metadata).
+    pub refused: Vec<(ModelVersion, String)>,
+}
+
+impl ModelMetadata {
+    /// Decodes a stored `metadata.json` (at `key`), refusing a schema version
+    /// this release cannot read before decoding the rest: a newer format may not
+    /// decode as this one, and must be named as what it is, not as corrupt.
+    ///
+    /// # Errors
+    /// [`StoreError::UnsupportedSchema`], or [`StoreError::Corrupt`].
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        #[derive(Deserialize)]
+        struct Probe {
+            schema_version: Option<serde_json::Value>,
+        }
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt { key: key.to_owned(), message: e.to_string() };
+        let probe: Probe = serde_json::from_slice(bytes).map_err(corrupt)?;
+        match probe.schema_version {
+            None => {}
+            Some(serde_json::Value::Number(n))
+                if n.as_u64().is_some_and(|v| {
+                    (u64::from(METADATA_MIN_SCHEMA_VERSION)..=u64::from(METADATA_SCHEMA_VERSION)).contains(&v)
+                }) => {}
+            Some(other) => return Err(StoreError::UnsupportedSchema { key: key.to_owned(), found: other.to_string() }),
+        }
+        serde_json::from_slice(bytes).map_err(corrupt)
     }
 }
 
@@ -390,11 +453,35 @@ impl Store {
 
     /// Stores a new version: the model file, read back and verified, then its
     /// metadata (with the SHA-256 and size filled in) as the commit marker. Does
-    /// not move `CURRENT`; see [`Store::promote`].
+    /// not move `CURRENT`; see [`Store::promote`]. Unsigned: an inference with a
+    /// keyring refuses it; publishers use [`Store::publish_signed_model`].
     ///
     /// # Errors
     /// An invalid version name, a failed write, or a read-back mismatch.
-    pub async fn publish_model(&self, model: Bytes, mut metadata: ModelMetadata) -> Result<ModelMetadata, StoreError> {
+    pub async fn publish_model(&self, model: Bytes, metadata: ModelMetadata) -> Result<ModelMetadata, StoreError> {
+        self.publish(model, metadata, None).await
+    }
+
+    /// [`Store::publish_model`], signing the metadata with `key`: the signature
+    /// is written before the metadata, so the version is never visible unsigned.
+    ///
+    /// # Errors
+    /// As [`Store::publish_model`].
+    pub async fn publish_signed_model(
+        &self,
+        model: Bytes,
+        metadata: ModelMetadata,
+        key: &SigningKey,
+    ) -> Result<ModelMetadata, StoreError> {
+        self.publish(model, metadata, Some(key)).await
+    }
+
+    async fn publish(
+        &self,
+        model: Bytes,
+        mut metadata: ModelMetadata,
+        key: Option<&SigningKey>,
+    ) -> Result<ModelMetadata, StoreError> {
         Self::check_version(&metadata.version)?;
         let prefix = Self::model_prefix(&metadata.version);
         metadata.sha256 = sha256_hex(&model);
@@ -406,8 +493,15 @@ impl Store {
         if actual != metadata.sha256 {
             return Err(StoreError::Checksum { key: model_key, expected: metadata.sha256, actual });
         }
-        self.put_json(&format!("{prefix}/{METADATA_FILE}"), &metadata).await?;
-        info!(version = %metadata.version, sha256 = %metadata.sha256, "Model version stored.");
+        let metadata_key = format!("{prefix}/{METADATA_FILE}");
+        let bytes = serde_json::to_vec_pretty(&metadata)
+            .map_err(|e| StoreError::Corrupt { key: metadata_key.clone(), message: e.to_string() })?;
+        if let Some(key) = key {
+            let signature = key.sign(&metadata.version, &bytes);
+            self.put(&format!("{prefix}/{SIGNATURE_FILE}"), signature.to_bytes().into()).await?;
+        }
+        self.put(&metadata_key, bytes.into()).await?;
+        info!(version = %metadata.version, sha256 = %metadata.sha256, signed_by = ?key.map(SigningKey::key_id), "Model version stored.");
         Ok(metadata)
     }
 
@@ -417,7 +511,11 @@ impl Store {
     /// A backend error or corrupt metadata.
     pub async fn model_metadata(&self, version: &ModelVersion) -> Result<Option<ModelMetadata>, StoreError> {
         Self::check_version(version)?;
-        self.get_json(&format!("{}/{METADATA_FILE}", Self::model_prefix(version))).await
+        let key = format!("{}/{METADATA_FILE}", Self::model_prefix(version));
+        match self.get_opt(&key).await? {
+            None => Ok(None),
+            Some(bytes) => ModelMetadata::decode(&key, &bytes).map(Some),
+        }
     }
 
     /// Every committed version, oldest first. Uncommitted directories (a crash
@@ -434,6 +532,9 @@ impl Store {
                 Ok(None) | Err(StoreError::InvalidVersion(_)) => {}
                 Err(StoreError::Corrupt { key, message }) => {
                     tracing::warn!(%key, error = %message, "Skipping corrupt model metadata.")
+                }
+                Err(e @ StoreError::UnsupportedSchema { .. }) => {
+                    tracing::warn!(error = %e, "Skipping model metadata of a newer format.")
                 }
                 Err(e) => return Err(e),
             }
@@ -462,12 +563,55 @@ impl Store {
         version: &ModelVersion,
         limit: u64,
     ) -> Result<(Bytes, ModelMetadata), StoreError> {
-        let prefix = Self::model_prefix(version);
         let metadata = self
             .model_metadata(version)
             .await?
-            .ok_or_else(|| StoreError::NotFound(format!("{prefix}/{METADATA_FILE}")))?;
-        let key = format!("{prefix}/{MODEL_FILE}");
+            .ok_or_else(|| StoreError::NotFound(format!("{}/{METADATA_FILE}", Self::model_prefix(version))))?;
+        self.read_model(version, metadata, limit).await
+    }
+
+    /// [`Store::load_model_within`], after checking that the version's metadata
+    /// is signed by a key of `keyring` (before its model is read): the model's
+    /// SHA-256 is in the metadata, so the signature covers the model too.
+    ///
+    /// # Errors
+    /// [`StoreError::Signature`] for an unsigned version, a signature that does
+    /// not match (the metadata or the model changed after signing) or a key not
+    /// in the keyring; [`StoreError::Corrupt`] for metadata naming another
+    /// version; otherwise as [`Store::load_model_within`].
+    pub async fn load_verified_model_within(
+        &self,
+        version: &ModelVersion,
+        limit: u64,
+        keyring: &Keyring,
+    ) -> Result<(Bytes, ModelMetadata, String), StoreError> {
+        Self::check_version(version)?;
+        let prefix = Self::model_prefix(version);
+        let metadata_key = format!("{prefix}/{METADATA_FILE}");
+        let raw = self.get(&metadata_key).await?;
+        let signature = self.get_opt(&format!("{prefix}/{SIGNATURE_FILE}")).await?;
+        let key_id = keyring
+            .verify(version, &raw, signature.as_deref())
+            .map_err(|reason| StoreError::Signature { version: version.0.clone(), reason })?;
+        let metadata = ModelMetadata::decode(&metadata_key, &raw)?;
+        if &metadata.version != version {
+            return Err(StoreError::Corrupt {
+                key: metadata_key,
+                message: format!("it describes version {}", metadata.version),
+            });
+        }
+        let (bytes, metadata) = self.read_model(version, metadata, limit).await?;
+        Ok((bytes, metadata, key_id))
+    }
+
+    /// Reads a version's model within `limit` and checks it against `metadata`.
+    async fn read_model(
+        &self,
+        version: &ModelVersion,
+        metadata: ModelMetadata,
+        limit: u64,
+    ) -> Result<(Bytes, ModelMetadata), StoreError> {
+        let key = format!("{}/{MODEL_FILE}", Self::model_prefix(version));
         let head = self.inner.head(&Key::from(key.as_str())).await.map_err(|e| StoreError::from_get(&key, e))?;
         let size = head.size.max(metadata.size_bytes);
         if size > limit {
@@ -484,6 +628,68 @@ impl Store {
             return Err(StoreError::Checksum { key, expected: metadata.sha256, actual });
         }
         Ok((bytes, metadata))
+    }
+
+    /// Migration to signed versions (run by the promoter, once per store): signs
+    /// every committed version that has no signature yet, after checking its
+    /// model against the SHA-256 its metadata records (a mismatch is left
+    /// unsigned and reported). Each signature is one atomic write; a marker
+    /// object records that the migration ran, so versions that turn up unsigned
+    /// later are never signed by it: from then on only publishers sign.
+    ///
+    /// Trust assumption: the store's content at migration time is what the old
+    /// trainers published (nobody has tampered with it before the upgrade).
+    ///
+    /// # Errors
+    /// A backend error (the migration is then retried on the next start).
+    pub async fn sign_unsigned_versions(&self, key: &SigningKey) -> Result<SigningMigration, StoreError> {
+        let mut report = SigningMigration::default();
+        if self.get_opt(SIGNING_MIGRATED_KEY).await?.is_some() {
+            report.already_done = true;
+            return Ok(report);
+        }
+        for name in self.children(MODELS_PREFIX).await? {
+            let version = ModelVersion(name);
+            if Self::check_version(&version).is_err() {
+                continue;
+            }
+            let prefix = Self::model_prefix(&version);
+            let signature_key = format!("{prefix}/{SIGNATURE_FILE}");
+            let Some(raw) = self.get_opt(&format!("{prefix}/{METADATA_FILE}")).await? else { continue };
+            if self.get_opt(&signature_key).await?.is_some() {
+                continue;
+            }
+            let checked = match ModelMetadata::decode(&format!("{prefix}/{METADATA_FILE}"), &raw) {
+                Err(e) => Err(e.to_string()),
+                Ok(metadata) if metadata.version != version => {
+                    Err(format!("metadata describes version {}", metadata.version))
+                }
+                Ok(metadata) => match self.read_model(&version, metadata, u64::MAX).await {
+                    Ok(_) => Ok(()),
+                    Err(e @ (StoreError::Backend(_) | StoreError::Io(_))) => return Err(e),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            match checked {
+                Ok(()) => {
+                    self.put(&signature_key, key.sign(&version, &raw).to_bytes().into()).await?;
+                    info!(%version, key_id = key.key_id(), "Version published before signing: signed.");
+                    report.signed.push(version);
+                }
+                Err(error) => {
+                    tracing::warn!(%version, %error, "Version published before signing fails its checks: left unsigned.");
+                    report.refused.push((version, error));
+                }
+            }
+        }
+        let marker = serde_json::json!({
+            "migrated_at": Utc::now(),
+            "key_id": key.key_id(),
+            "signed": report.signed,
+            "refused": report.refused.iter().map(|(v, e)| serde_json::json!({"version": v, "error": e})).collect::<Vec<_>>(),
+        });
+        self.put_json(SIGNING_MIGRATED_KEY, &marker).await?;
+        Ok(report)
     }
 
     /// The version `CURRENT` names, if any.

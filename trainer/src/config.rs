@@ -23,12 +23,16 @@
 //! | `TRAINER_THREADS` | libtorch intra-op threads of the training thread (0 = one per CPU this process may use, cgroup quota included) | `0` |
 //! | `TRAINER_METRICS_ADDR` | `host:port` of `/metrics` and `/healthz` in worker mode; empty or `off` disables | `0.0.0.0:9103` |
 //! | `TRAINER_PROGRESS_BAR` | `auto` (when stderr is a terminal), `on` or `off` | `auto` |
+//! | `TRAINER_SIGNING_KEY` | the model-signing private key file (PKCS#8 PEM, ed25519): every version is published signed | unset: versions are published unsigned (an inference with a keyring refuses them) |
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mnistflow_nats::{ConfigError, NatsConfig};
 use mnistflow_runtime::env::{self, listen_addr, positive, positive_secs as secs, var, var_or};
+use mnistflow_store::SigningKey;
 
 use crate::params::{DeviceChoice, OptimizerKind, Precision, Preset};
 
@@ -107,6 +111,8 @@ pub struct Config {
     pub threads: usize,
     pub metrics_addr: Option<SocketAddr>,
     pub progress_bar: ProgressBar,
+    /// Signs every published version (`TRAINER_SIGNING_KEY`).
+    pub signing_key: Option<Arc<SigningKey>>,
 }
 
 impl Config {
@@ -114,6 +120,7 @@ impl Config {
     /// [`NatsConfig::ENV_VARS`]).
     pub const ENV_VARS: &'static [&'static str] = &[
         "TRAINER_MODE",
+        "TRAINER_SIGNING_KEY",
         "TRAINER_JOB_WAIT_SECS",
         "TRAINER_EPOCHS",
         "TRAINER_BATCH_SIZE",
@@ -210,6 +217,12 @@ impl Config {
             threads,
             metrics_addr,
             progress_bar: var_or(&lookup, "TRAINER_PROGRESS_BAR", ProgressBar::Auto)?,
+            signing_key: match var::<PathBuf>(&lookup, "TRAINER_SIGNING_KEY")? {
+                None => None,
+                Some(path) => Some(Arc::new(
+                    SigningKey::read(&path).map_err(|e| ConfigError::new("TRAINER_SIGNING_KEY", e.to_string()))?,
+                )),
+            },
         })
     }
 }

@@ -50,6 +50,10 @@ pub use worker::Worker;
 /// (job mode) the request failed transiently.
 pub async fn main_with(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::open(&config.store_url)?;
+    match &config.signing_key {
+        Some(key) => tracing::info!(key_id = key.key_id(), "Versions are published signed."),
+        None => tracing::warn!("TRAINER_SIGNING_KEY is unset: versions are published unsigned."),
+    }
     let bus = Bus::connect(&config.nats, &shutdown).await?;
     bus.ensure_streams().await?;
     run(config, bus, store, shutdown).await

@@ -269,12 +269,12 @@ impl Worker {
             }),
         );
 
-        let stored = self
-            .store
-            .publish_model(Bytes::from(artefact.torchscript), metadata)
-            .instrument(info_span!("store"))
-            .await
-            .map_err(|e| Failure::Transient(format!("storing the model failed: {e}")))?;
+        let model = Bytes::from(artefact.torchscript);
+        let stored = match &self.config.signing_key {
+            Some(key) => self.store.publish_signed_model(model, metadata, key).instrument(info_span!("store")).await,
+            None => self.store.publish_model(model, metadata).instrument(info_span!("store")).await,
+        }
+        .map_err(|e| Failure::Transient(format!("storing the model failed: {e}")))?;
         self.finish(work, run_id, stored).await
     }
 

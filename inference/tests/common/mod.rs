@@ -12,7 +12,7 @@ use bytes::Bytes;
 use image::{DynamicImage, GrayImage, ImageFormat, Luma};
 use mnistflow_inference::{App, Config};
 use mnistflow_integration::NatsServer;
-use mnistflow_nats::{Bus, ModelVersion, NatsConfig, TrainRequest};
+use mnistflow_nats::{Bus, InferenceLoaded, ModelVersion, NatsConfig, Received, TrainRequest, TypedSubscriber};
 use mnistflow_store::{ModelMetadata, Store, idx};
 use tch::nn;
 use tch::{CModule, Device, Kind, Tensor};
@@ -163,6 +163,22 @@ pub fn version(tag: &str) -> ModelVersion {
 /// Stores `model` as `version` (does not promote).
 pub async fn publish(store: &Store, model: &[u8], version: &ModelVersion) -> ModelMetadata {
     store.publish_model(Bytes::copy_from_slice(model), ModelMetadata::new(version.clone())).await.unwrap()
+}
+
+/// The next refusal of `version` (`inference.loaded` with `ok: false`).
+pub async fn next_refusal(events: &mut TypedSubscriber<InferenceLoaded>, version: &ModelVersion) -> InferenceLoaded {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(Received::Message(e)) = events.next().await
+                && !e.ok
+                && e.refused.as_ref() == Some(version)
+            {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a refusal of {version} (inference.loaded, ok false) within 30 s"))
 }
 
 /// Encodes an image in `format`.
