@@ -21,6 +21,7 @@
 //! | `INFERENCE_INSTANCE` | the instance name in events | `HOSTNAME`, else random |
 //! | `INFERENCE_PROMOTER` | consume `model.promote` commands here (off in Kubernetes: the promoter Deployment does) | `true` |
 //! | `INFERENCE_ROLE` | `serve`, or `promoter`: only the `model.promote` consumer and health probes | `serve` |
+//! | `RETENTION_*` | model and event retention, run where the promoter runs: [`crate::retention`] | off |
 //! | `INFERENCE_MAX_MODEL_BYTES` | largest model a version may hold; a bigger one is refused before it is read | `67108864` (64 MiB) |
 
 use std::net::IpAddr;
@@ -102,6 +103,8 @@ pub struct Config {
     /// The largest model a version may hold (`INFERENCE_MAX_MODEL_BYTES`,
     /// default 64 MiB): a bigger one is refused before it is read into memory.
     pub max_model_bytes: u64,
+    /// `RETENTION_*` (see [`crate::retention`]): run by the promoter; `None`: off.
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 /// What an inference process runs.
@@ -215,6 +218,7 @@ impl Config {
                 }
                 max
             },
+            retention: crate::retention::RetentionConfig::from_lookup(&lookup)?,
         })
     }
 }

@@ -9,6 +9,7 @@
 //! models/mnist-cnn/<version>/model.pt            TorchScript
 //! models/mnist-cnn/<version>/metadata.json       written last, holds model.pt's SHA-256
 //! models/mnist-cnn/CURRENT                       the version to serve, moved only to complete versions
+//! models/mnist-cnn/PINNED, SERVED.json            retention: versions never pruned, when each was served
 //! ```
 //!
 //! A reader never sees a half-written artefact: a data set exists once its
@@ -17,15 +18,18 @@
 //! version. Each single object is written atomically by the backend (temp file +
 //! rename locally, a single PUT or completed multipart upload remotely).
 //!
-//! Parts: [`Store`] (open, datasets, models, promote), [`watch`] (follow `CURRENT`),
+//! Parts: [`Store`] (open, datasets, models, promote; pinned versions, served
+//! history and deletion for retention), [`watch`] (follow `CURRENT`),
 //! [`idx`] (the MNIST file format).
 
 mod current;
 pub mod idx;
+mod retention;
 mod store;
 pub mod watch;
 
 pub use current::CurrentPointer;
+pub use retention::{PINNED_KEY, SERVED_KEY, ServedHistory};
 pub use store::{DatasetManifest, ModelMetadata, Store, StoreError, sha256_hex};
 
 /// Where data sets live.
