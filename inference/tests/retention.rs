@@ -30,13 +30,11 @@ fn version(i: usize) -> ModelVersion {
 }
 
 async fn next<M: mnistflow_nats::events::Message>(sub: &mut TypedSubscriber<M>, what: &str) -> M {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), sub.next()).await {
-            Ok(Some(Received::Message(m))) => return m,
-            Ok(Some(Received::Undecodable { error, .. })) => panic!("{what}: undecodable: {error}"),
-            Ok(None) => panic!("{what}: the subscription ended"),
-            Err(_) => panic!("no {what} within 20 s"),
-        }
+    match tokio::time::timeout(Duration::from_secs(20), sub.next()).await {
+        Ok(Some(Received::Message(m))) => m,
+        Ok(Some(Received::Undecodable { error, .. })) => panic!("{what}: undecodable: {error}"),
+        Ok(None) => panic!("{what}: the subscription ended"),
+        Err(_) => panic!("no {what} within 20 s"),
     }
 }
 

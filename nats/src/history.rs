@@ -64,7 +64,7 @@ impl Bus {
                 .map_err(|e| fail("time lookup fetch", e.into()))?;
             match batch.next().await {
                 Some(Ok(m)) => m.info().map_err(|e| fail("time lookup message", e))?.stream_sequence,
-                Some(Err(e)) => return Err(fail("time lookup fetch", e.into())),
+                Some(Err(e)) => return Err(fail("time lookup fetch", e)),
                 None => return Err(fail("time lookup fetch", "no event within 5 s although one is pending".into())),
             }
         };
