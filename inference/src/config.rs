@@ -21,6 +21,7 @@
 //! | `INFERENCE_INSTANCE` | the instance name in events | `HOSTNAME`, else random |
 //! | `INFERENCE_PROMOTER` | consume `model.promote` commands here (off in Kubernetes: the promoter Deployment does) | `true` |
 //! | `INFERENCE_ROLE` | `serve`, or `promoter`: only the `model.promote` consumer and health probes | `serve` |
+//! | `RETENTION_*` | model and event retention, run where the promoter runs: [`crate::retention`] | off |
 //! | `INFERENCE_MAX_MODEL_BYTES` | largest model a version may hold; a bigger one is refused before it is read | `67108864` (64 MiB) |
 //! | `INFERENCE_TRUSTED_KEYS` | the keyring: a PEM public key file, or a directory of them; a version not signed by one of these keys is refused | unset: versions load unverified (a warning; `mnistflow up` and the manifests set it) |
 //! | `INFERENCE_SIGNING_KEY` | the promoter's private key file (PKCS#8 PEM): it signs, once, the versions published before signing | unset: no migration |
@@ -113,6 +114,8 @@ pub struct Config {
     /// The promoter's private key (`INFERENCE_SIGNING_KEY`), for the one-time
     /// migration of versions published before signing. Serving pods never hold it.
     pub signing_key: Option<Arc<SigningKey>>,
+    /// `RETENTION_*` (see [`crate::retention`]): run by the promoter; `None`: off.
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 /// What an inference process runs.
@@ -239,6 +242,7 @@ impl Config {
                     SigningKey::read(&path).map_err(|e| ConfigError::new("INFERENCE_SIGNING_KEY", e.to_string()))?,
                 )),
             },
+            retention: crate::retention::RetentionConfig::from_lookup(&lookup)?,
         })
     }
 }

@@ -10,6 +10,7 @@
 //! - [`http`]: the Rocket API; [`nats_api`]: `mnist.predict` in queue group `inference`.
 //! - [`reload`]: following `CURRENT` (or a pinned version), verify, warm up, swap.
 //! - [`promoter`]: the `model.promote` command consumer.
+//! - [`retention`]: pruning old model versions and events, where the promoter runs.
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! [`App::start`] wires them; `main.rs` only adds telemetry, configuration and signals.
@@ -23,6 +24,7 @@ pub mod nats_api;
 pub mod preprocess;
 pub mod promoter;
 pub mod reload;
+pub mod retention;
 pub mod service;
 
 use std::net::SocketAddr;
@@ -99,10 +101,15 @@ impl App {
         };
         tracker.spawn(reloader.run(shutdown.clone()));
         if config.promoter {
+            if let Some(retention) = config.retention.clone() {
+                let stage = config.instance.clone();
+                tracker.spawn(retention::run(retention, bus.clone(), store.clone(), stage, shutdown.clone()));
+            }
             let (bus, store, shutdown) = (bus.clone(), store.clone(), shutdown.clone());
             let key = config.signing_key.clone();
+            let stage = config.instance.clone();
             tracker.spawn(async move {
-                if let Err(e) = promoter::run(bus, store, key, shutdown).await {
+                if let Err(e) = promoter::run(bus, store, key, stage, shutdown).await {
                     error!(error = %e, "The model.promote consumer stopped.");
                 }
             });

@@ -1,7 +1,10 @@
 //! The `model.promote` command consumer (durable `promoter`, shared by every
 //! instance so each command is handled once): point `CURRENT` at the version, then
-//! ack. An unknown, uncommitted or corrupt version is terminated with a log line,
-//! never acked as if it had worked; a store outage is nak'ed for redelivery.
+//! ack. An unknown, uncommitted or corrupt version, or a command it cannot read
+//! (a schema version newer than it reads), is terminated, logged and answered
+//! with `command.rejected`, never acked as if it had worked; a store outage is
+//! nak'ed for redelivery. Where retention is configured it runs beside it
+//! ([`crate::retention`]).
 //!
 //! In Kubernetes it runs alone, in the promoter Deployment ([`serve`],
 //! `INFERENCE_ROLE=promoter`): the serving pods mount the store read-only and
@@ -17,8 +20,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
-use mnistflow_nats::{Bus, BusError, ModelPromote, WorkQueueOptions};
+use mnistflow_nats::events::Message;
+use mnistflow_nats::work::{self, DeliveryKey, Handler, Outcome, Take, Work};
+use mnistflow_nats::{Bus, BusError, CommandRejected, EventId, ModelPromote, WorkQueueOptions, schema};
 use mnistflow_store::{SigningKey, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -35,7 +39,10 @@ use crate::Config;
 /// server cannot bind.
 pub async fn serve(config: Config, bus: Bus, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     bus.ensure_streams().await?;
-    let consumer = tokio::spawn(run(bus.clone(), store, config.signing_key.clone(), shutdown.clone()));
+    if let Some(retention) = config.retention.clone() {
+        tokio::spawn(crate::retention::run(retention, bus.clone(), store.clone(), STAGE.into(), shutdown.clone()));
+    }
+    let consumer = tokio::spawn(run(bus.clone(), store, config.signing_key.clone(), STAGE.into(), shutdown.clone()));
     let mut rc = mnistflow_runtime::http::config(SocketAddr::new(config.address, config.port), Duration::from_secs(1));
     rc.workers = 2;
     rc.ident = rocket::config::Ident::try_new("mnistflow-promoter").unwrap_or_default();
@@ -70,8 +77,13 @@ fn readyz(bus: &rocket::State<Bus>) -> (rocket::http::Status, &'static str) {
     }
 }
 
+/// The stage name in the promoter Deployment's events.
+const STAGE: &str = "promoter";
+
 /// Signs the versions published before signing (once per store; with `key`),
-/// then consumes `model.promote` until `shutdown`.
+/// then consumes `model.promote` until `shutdown`; a command it cannot read or
+/// carry out is terminated and answered with `command.rejected` (`stage` names
+/// this process in it).
 ///
 /// # Errors
 /// The work queue cannot be bound (stream missing).
@@ -79,6 +91,7 @@ pub async fn run(
     bus: Bus,
     store: Store,
     key: Option<Arc<SigningKey>>,
+    stage: String,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     match key {
@@ -87,7 +100,8 @@ pub async fn run(
     }
     let options = WorkQueueOptions::default();
     let mut queue = bus.work_queue::<ModelPromote>(options).await?;
-    let result = work::run(&mut queue, &Promoter { store }, options.ack_wait, Take::All, &shutdown).await;
+    let promoter = Promoter { store, bus, stage };
+    let result = work::run(&mut queue, &promoter, options.ack_wait, Take::All, &shutdown).await;
     info!("Promoter stopped.");
     result.map(|_| ())
 }
@@ -121,6 +135,27 @@ async fn migrate(store: &Store, key: &SigningKey, shutdown: &CancellationToken) 
 
 struct Promoter {
     store: Store,
+    bus: Bus,
+    stage: String,
+}
+
+impl Promoter {
+    /// Announces a terminated command; its id is derived from the delivery, so a
+    /// repeat (a redelivery after a lost ack) is stored once.
+    async fn reject(&self, key: &DeliveryKey, request_id: EventId, raw: Option<&[u8]>, reason: &str) {
+        let event = CommandRejected {
+            event_id: key.event_id("rejected"),
+            command: ModelPromote::SUBJECT.into(),
+            request_id: Some(request_id),
+            command_schema_version: raw.and_then(schema::raw_version),
+            stage: self.stage.clone(),
+            reason: reason.to_owned(),
+            at: chrono::Utc::now(),
+        };
+        if let Err(e) = self.bus.publish(&event).await {
+            warn!(error = %e, "Could not announce the rejected command (command.rejected).");
+        }
+    }
 }
 
 impl Handler<ModelPromote> for Promoter {
@@ -128,10 +163,16 @@ impl Handler<ModelPromote> for Promoter {
         let span = info_span!("promote", key = %work.key, delivered = work.delivered);
         let version = work.command.version.clone();
         async {
-            match self.store.promote(&version).await {
+            let promoted = {
+                // Never alongside a retention pass, which must not delete this version.
+                let _writes = crate::retention::STORE_WRITES.lock().await;
+                self.store.promote(&version).await
+            };
+            match promoted {
                 Ok(metadata) => {
                     let requested_by = &work.command.requested_by;
                     info!(%version, accuracy = metadata.metrics.accuracy, ?requested_by, "Promoted.");
+                    crate::retention::record_promotion(&self.store, &version).await;
                     Outcome::Done
                 }
                 Err(e @ StoreError::Conflict { .. }) => {
@@ -146,11 +187,18 @@ impl Handler<ModelPromote> for Promoter {
                 }
                 Err(e) => {
                     warn!(%version, error = %e, "Promotion refused: the version cannot be served.");
-                    Outcome::Reject { reason: e.to_string() }
+                    let reason = format!("promotion of {version} refused: {e}");
+                    self.reject(work.key, work.command.event_id, None, &reason).await;
+                    Outcome::Reject { reason }
                 }
             }
         }
         .instrument(span)
         .await
+    }
+
+    async fn undecodable(&self, key: &DeliveryKey, error: &str, raw: &[u8]) {
+        let request_id = schema::event_id_of(raw).unwrap_or_else(|| key.command_id());
+        self.reject(key, request_id, Some(raw), &format!("unreadable command: {error}")).await;
     }
 }

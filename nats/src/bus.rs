@@ -286,7 +286,7 @@ impl Bus {
     /// retry window.
     pub async fn publish<M: Message>(&self, message: &M) -> Result<Published, BusError> {
         let subject = self.subjects.full(M::SUBJECT);
-        let payload = bytes::Bytes::from(serde_json::to_vec(message)?);
+        let payload = bytes::Bytes::from(crate::schema::encode(message)?);
         let id = message.event_id().to_string();
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
@@ -516,10 +516,10 @@ impl<M: Message> TypedSubscriber<M> {
     /// The next message; `None` when the subscription ends.
     pub async fn next(&mut self) -> Option<Received<M>> {
         let msg = self.inner.next().await?;
-        Some(match serde_json::from_slice(&msg.payload) {
+        Some(match crate::schema::decode(&msg.payload) {
             Ok(m) => Received::Message(m),
             Err(e) => {
-                warn!(subject = %msg.subject, error = %e, "Undecodable message ignored.");
+                warn!(subject = %msg.subject, error = %e, "Unreadable message (undecodable, or a schema version this release does not read) ignored.");
                 Received::Undecodable { subject: msg.subject.to_string(), error: e.to_string() }
             }
         })
@@ -638,13 +638,14 @@ impl<M: Message> Delivery<M> {
     }
 }
 
-/// Decodes a command; one written without an `event_id` gets its delivery key's,
-/// so every delivery of it carries the same id (serde's default would draw a new
-/// random one at each decode).
+/// Decodes a command of a schema version this release reads ([`crate::schema`]);
+/// one written without an `event_id` gets its delivery key's, so every delivery
+/// of it carries the same id (serde's default would draw a new random one at
+/// each decode).
 fn decode_command<M: Message>(raw: &[u8], key: &DeliveryKey) -> Result<M, String> {
-    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| format!("{}: {e}", M::SUBJECT))?;
     let explicit = value.get("event_id").is_some();
-    let mut command: M = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let mut command: M = crate::schema::decode_value(value).map_err(|e| e.to_string())?;
     if !explicit {
         command.set_event_id(key.command_id());
     }

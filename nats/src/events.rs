@@ -280,6 +280,82 @@ pub struct InferenceLoaded {
 }
 message!(InferenceLoaded, subjects::INFERENCE_LOADED);
 
+/// Event: a stage could not carry out a command it was given, and terminated it
+/// (never redelivered): a payload it cannot read (not JSON, missing fields, a
+/// schema version newer than it reads) or, for `model.promote`, a version that
+/// cannot be served. The downloader and the trainer answer theirs with
+/// `dataset.failed` and `train.failed`; the promoter with this.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRejected {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The command's subject suffix (`model.promote`).
+    pub command: String,
+    /// The command's `event_id` when it names one, else its delivery's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<EventId>,
+    /// The schema version the command declared, when it is readable JSON (the
+    /// event's own `schema_version` is its format's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_schema_version: Option<u64>,
+    /// The stage that rejected it (`promoter`).
+    #[serde(default)]
+    pub stage: String,
+    pub reason: String,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(CommandRejected, subjects::COMMAND_REJECTED);
+
+/// A retention policy as configured (absent parts prune nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    /// Keep the newest N model versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_versions: Option<u32>,
+    /// Also keep every version served within this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_served_secs: Option<u64>,
+    /// Delete events older than this many seconds from the events stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_max_age_secs: Option<u64>,
+}
+
+/// Event: a retention pass deleted something (model versions, old events).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetentionPruned {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The policy the pass applied.
+    #[serde(default)]
+    pub policy: RetentionPolicy,
+    /// The model versions deleted from the store, oldest first.
+    #[serde(default)]
+    pub deleted_versions: Vec<ModelVersion>,
+    /// The versions kept, each with why (`current`, `pinned`, `newest 3`, `served 2026-...`).
+    #[serde(default)]
+    pub kept_versions: Vec<KeptVersion>,
+    /// How many events were purged from the events stream.
+    #[serde(default)]
+    pub events_purged: u64,
+    /// Events stored before this time were purged (when the age policy is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_before: Option<DateTime<Utc>>,
+    /// The stage that pruned (`promoter`).
+    #[serde(default)]
+    pub stage: String,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(RetentionPruned, subjects::RETENTION_PRUNED);
+
+/// A version a retention pass kept, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptVersion {
+    pub version: ModelVersion,
+    pub reason: String,
+}
+
 /// Reply to a prediction (HTTP and `mnist.predict` alike).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {

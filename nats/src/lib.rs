@@ -8,11 +8,13 @@
 //! - [`events`]: one type per event or command of DESIGN.md, tied to its subject
 //!   by the [`Message`] trait; every field but the essential ones is optional so a
 //!   person can write payloads by hand (`nats pub mnist.train.request '{"epochs":2}'`).
+//! - [`schema`]: the schema version every message carries, how it is written and checked.
 //! - [`streams`]: the JetStream streams and durable consumers, created idempotently.
 //! - [`bus`]: the typed [`Bus`]: connect with retry, publish with `Nats-Msg-Id`
 //!   de-duplication, typed subscriptions and work queues that report undecodable
 //!   messages instead of panicking.
 //! - [`predict`]: `mnist.predict` request/reply, the typed client and the serving side.
+//! - [`history`]: event history by age (purging the events stream up to a time).
 //! - [`replay`]: the events stream replayed, then followed live (a page's feed).
 //! - [`work`]: the work-queue runner (decode, heartbeats, ack/nak/term) and the
 //!   delivery-derived ids of commands and their answers.
@@ -23,11 +25,13 @@
 pub mod bus;
 pub mod config;
 pub mod events;
+pub mod history;
 pub mod ids;
 pub mod permissions;
 pub mod predict;
 pub mod redact;
 pub mod replay;
+pub mod schema;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;

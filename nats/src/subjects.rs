@@ -19,6 +19,10 @@ pub const MODEL_PUBLISHED: &str = "model.published";
 pub const MODEL_PROMOTE: &str = "model.promote";
 /// Event: an inference instance loaded (or refused) a version.
 pub const INFERENCE_LOADED: &str = "inference.loaded";
+/// Event: a command was rejected and terminated (unreadable, or not carried out), with why.
+pub const COMMAND_REJECTED: &str = "command.rejected";
+/// Event: a retention pass deleted model versions or old events.
+pub const RETENTION_PRUNED: &str = "retention.pruned";
 /// Request/reply: classify an image. Core NATS, queue group [`PREDICT_QUEUE_GROUP`].
 pub const PREDICT: &str = "predict";
 /// Event (JetStream work queue): a person said whether an answer was right.
@@ -31,8 +35,17 @@ pub const FEEDBACK_STORED: &str = "feedback.stored";
 pub const PREDICT_QUEUE_GROUP: &str = "inference";
 
 /// Subjects kept in the events stream (replayable by late subscribers).
-pub const EVENT_SUBJECTS: &[&str] =
-    &[DATASET_READY, DATASET_FAILED, TRAIN_PROGRESS, TRAIN_FAILED, MODEL_PUBLISHED, INFERENCE_LOADED, FEEDBACK_STORED];
+pub const EVENT_SUBJECTS: &[&str] = &[
+    DATASET_READY,
+    DATASET_FAILED,
+    TRAIN_PROGRESS,
+    TRAIN_FAILED,
+    MODEL_PUBLISHED,
+    INFERENCE_LOADED,
+    FEEDBACK_STORED,
+    COMMAND_REJECTED,
+    RETENTION_PRUNED,
+];
 
 /// Builds full subject names from the configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -330,3 +330,32 @@ async fn a_stage_binding_with_its_own_ack_wait_updates_the_consumer_set_up_creat
     let config = consumer.info().await.unwrap().config.clone();
     assert_eq!((config.ack_wait, config.max_deliver), (Duration::from_secs(7), 2));
 }
+
+#[tokio::test]
+async fn events_stored_before_a_time_are_purged_and_counted() {
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    let failed = |reason: &str| DatasetFailed {
+        event_id: EventId::new(),
+        request_id: None,
+        reason: reason.into(),
+        mirrors_tried: vec![],
+        will_retry: false,
+        at: chrono::Utc::now(),
+    };
+    assert_eq!(bus.purge_events_before(chrono::Utc::now()).await.unwrap().events, 0, "an empty stream");
+    bus.publish(&failed("old 1")).await.unwrap();
+    bus.publish(&failed("old 2")).await.unwrap();
+    // Acknowledged, so stored (and stamped by the server) before this instant.
+    let cut = chrono::Utc::now();
+    let kept = bus.publish(&failed("new")).await.unwrap().sequence;
+    let purged = bus.purge_events_before(cut).await.unwrap();
+    assert_eq!(purged, mnistflow_nats::history::Purged { events: 2, kept_from: kept });
+    let mut stream = bus.jetstream().get_stream("MNIST_EVENTS").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert_eq!((state.messages, state.first_sequence), (1, kept));
+    assert_eq!(bus.purge_events_before(cut).await.unwrap().events, 0, "a second purge to the same time");
+    let all = bus.purge_events_before(chrono::Utc::now()).await.unwrap();
+    assert_eq!(all.events, 1);
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}

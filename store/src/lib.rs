@@ -12,6 +12,7 @@
 //! models/mnist-cnn/CURRENT                       the version to serve, moved only to complete versions
 //! feedback/mnist/samples/{trusted,unverified}/<client>/<event-id>.json   one sample per feedback event
 //! feedback/mnist/INDEX.json                      the feedback set's version, counts, live accuracy
+//! models/mnist-cnn/PINNED, SERVED.json            retention: versions never pruned, when each was served
 //! ```
 //!
 //! A reader never sees a half-written artefact: a data set exists once its
@@ -20,19 +21,22 @@
 //! version. Each single object is written atomically by the backend (temp file +
 //! rename locally, a single PUT or completed multipart upload remotely).
 //!
-//! Parts: [`Store`] (open, datasets, models, promote), [`watch`] (follow `CURRENT`),
+//! Parts: [`Store`] (open, datasets, models, promote; pinned versions, served
+//! history and deletion for retention), [`watch`] (follow `CURRENT`),
 //! [`idx`] (the MNIST file format), [`feedback`] (the feedback set), [`signing`]
 //! (signed versions: keys, keyring).
 
 mod current;
 pub mod feedback;
 pub mod idx;
+mod retention;
 pub mod signing;
 mod store;
 pub mod watch;
 
 pub use current::CurrentPointer;
 pub use feedback::{FEEDBACK_INDEX_KEY, FEEDBACK_PREFIX, FeedbackIndex, FeedbackOutcome, FeedbackSample};
+pub use retention::{PINNED_KEY, SERVED_KEY, ServedHistory};
 pub use signing::{Keyring, SignatureError, SigningKey};
 pub use store::{
     DatasetManifest, METADATA_MIN_SCHEMA_VERSION, METADATA_SCHEMA_VERSION, ModelMetadata, SigningMigration, Store,

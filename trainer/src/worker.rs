@@ -76,8 +76,10 @@ impl Handler<TrainRequest> for Worker {
         settle
     }
 
-    async fn undecodable(&self, key: &DeliveryKey, error: &str, _raw: &[u8]) {
-        self.fail(key, 1, None, None, &format!("undecodable train request: {error}"), false).await;
+    async fn undecodable(&self, key: &DeliveryKey, error: &str, raw: &[u8]) {
+        // The id its sender waits for, when the payload names one (a newer schema version).
+        let request_id = mnistflow_nats::schema::event_id_of(raw);
+        self.fail(key, 1, None, request_id, &format!("undecodable train request: {error}"), false).await;
         self.metrics.run_finished(Outcome::Rejected);
     }
 }
