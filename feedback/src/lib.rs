@@ -153,6 +153,7 @@ pub struct Metrics {
     accuracy: Family<VersionLabels, Gauge<f64, AtomicU64>>,
     set_version: Gauge,
     removed: Family<OutcomeLabels, Counter>,
+    retention_passes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -190,7 +191,13 @@ impl Default for Metrics {
             "Samples removed from the set: pruned (by age), deleted (on request); unknown: delete requests for an id the set does not hold",
             removed.clone(),
         );
-        Self { registry, samples, answers, accuracy, set_version, removed }
+        let retention_passes = Counter::default();
+        registry.register(
+            "retention_passes",
+            "Retention passes completed (FEEDBACK_RETENTION_SECS set), deleting or not",
+            retention_passes.clone(),
+        );
+        Self { registry, samples, answers, accuracy, set_version, removed, retention_passes }
     }
 }
 
@@ -259,6 +266,7 @@ impl Stage {
             }
         };
         let index = &pruned.index;
+        self.metrics.retention_passes.inc();
         if pruned.trusted_deleted + pruned.unverified_deleted == 0 {
             debug!(%before, "No feedback older than the retention period.");
             return;
