@@ -347,8 +347,7 @@ async fn wait_for_samples(stack: &Stack, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_older_than_the_retention_period_is_pruned_and_the_pass_announced() {
     let stack = Stack::new(&[]).await;
-    let (metrics_addr, feedback) =
-        stack.start_feedback(&[("FEEDBACK_RETENTION_SECS", "3600"), ("FEEDBACK_RETENTION_INTERVAL_SECS", "1")]);
+    let (_, feedback) = stack.start_feedback(&[]);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let (old_trusted, old_unverified, recent) =
         (submitted("labeller", true), submitted("ip-0123456789abcdef", false), submitted("ip-0123456789abcdef", false));
@@ -356,14 +355,18 @@ async fn feedback_older_than_the_retention_period_is_pruned_and_the_pass_announc
         stack.bus.publish(event).await.unwrap();
     }
     wait_for_samples(&stack, 3).await;
+    feedback.stop().await;
     let accuracy = stack.store.feedback_index().await.unwrap().versions;
-    // Two of them were stored two hours ago (as the store's own file says).
+    // Two of them were stored two hours ago (as the store's own file says) ...
     for event in [&old_trusted, &old_unverified] {
         let path = stack.store_dir.path().join(mnistflow_store::Store::feedback_sample_key(event));
         let mut sample: FeedbackSample = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         sample.stored_at = chrono::Utc::now() - chrono::Duration::hours(2);
         std::fs::write(&path, serde_json::to_vec(&sample).unwrap()).unwrap();
     }
+    // ... and the stage restarts with a retention of one hour: its first pass, at start, prunes them.
+    let (metrics_addr, feedback) =
+        stack.start_feedback(&[("FEEDBACK_RETENTION_SECS", "3600"), ("FEEDBACK_RETENTION_INTERVAL_SECS", "1")]);
     let pruned = stack.wait_event::<FeedbackPruned>(WAIT, |_| true).await;
     assert_eq!((pruned.trusted_deleted, pruned.unverified_deleted), (1, 1), "{pruned:?}");
     assert_eq!((pruned.trusted_left, pruned.unverified_left), (0, 1), "{pruned:?}");
