@@ -321,8 +321,7 @@ impl Stage {
 impl Handler<FeedbackDelete> for Stage {
     async fn handle(&self, work: Work<'_, FeedbackDelete>) -> Outcome {
         let command = work.command;
-        let span =
-            info_span!("feedback_delete", key = %work.key, feedback_id = %command.feedback_id, delivered = work.delivered);
+        let span = info_span!("feedback_delete", key = %work.key, feedback_id = %command.feedback_id, delivered = work.delivered);
         async {
             let deleted = {
                 let _writing = self.writes.lock().await;

@@ -400,7 +400,8 @@ async fn a_person_deletes_their_feedback_by_its_id_once_and_unknown_ids_change_n
     let (metrics_addr, feedback) = stack.start_feedback(&[]);
     let (web, web_stage) = stack.start_web().await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let body = json!({"model_version": "20261201-000000-abcdef", "predicted": 3, "label": 8, "input": "7f".repeat(784)});
+    let body =
+        json!({"model_version": "20261201-000000-abcdef", "predicted": 3, "label": 8, "input": "7f".repeat(784)});
     let (status, mine) = post_feedback(&http, web, &body, None).await;
     assert_eq!(status, 202, "{mine}");
     let (status, theirs) = post_feedback(&http, web, &body, None).await;

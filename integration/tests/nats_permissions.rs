@@ -27,9 +27,8 @@ use mnistflow_nats::events::Message;
 use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
 use mnistflow_nats::{
     Bus, DatasetDownload, DatasetId, DatasetReady, EventId, FeedbackDelete, FeedbackDeleted, FeedbackPruned,
-    FeedbackStored, FeedbackSubmitted, InferenceLoaded,
-    LiveAccuracy, ModelMetrics, ModelPromote, ModelPublished, ModelVersion, NatsConfig, RunId, TrainProgress,
-    TrainRequest, WorkQueueOptions, subjects,
+    FeedbackStored, FeedbackSubmitted, InferenceLoaded, LiveAccuracy, ModelMetrics, ModelPromote, ModelPublished,
+    ModelVersion, NatsConfig, RunId, TrainProgress, TrainRequest, WorkQueueOptions, subjects,
 };
 use tokio_util::sync::CancellationToken;
 

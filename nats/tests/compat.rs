@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use mnistflow_nats::events::Message;
 use mnistflow_nats::schema::{self, DecodeError, SCHEMA_VERSION};
 use mnistflow_nats::{
-    CommandRejected, DatasetDownload, DatasetFailed, DatasetReady, FeedbackDelete, FeedbackDeleted, FeedbackPruned, InferenceLoaded, ModelPromote,
-    ModelPublished, RetentionPruned, TrainFailed, TrainProgress, TrainRequest,
+    CommandRejected, DatasetDownload, DatasetFailed, DatasetReady, FeedbackDelete, FeedbackDeleted, FeedbackPruned,
+    InferenceLoaded, ModelPromote, ModelPublished, RetentionPruned, TrainFailed, TrainProgress, TrainRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -172,7 +172,9 @@ fn the_previous_release_reads_every_message_of_this_one() {
             "feedback.deleted.json",
             "feedback.pruned.json",
             "retention.pruned.json",
-        ].map(str::to_owned).into()
+        ]
+        .map(str::to_owned)
+        .into()
     );
     for name in &new_subjects {
         let raw = read("v2", name.trim_end_matches(".json"));

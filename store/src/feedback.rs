@@ -386,7 +386,8 @@ mod tests {
     #[tokio::test]
     async fn pruning_and_deleting_remove_samples_and_recount_but_keep_the_live_accuracy() {
         let store = Store::memory();
-        let (old, new, labelled) = (event("ip-a", false, 1, 1), event("ip-a", false, 2, 3), event("labeller", true, 4, 4));
+        let (old, new, labelled) =
+            (event("ip-a", false, 1, 1), event("ip-a", false, 2, 3), event("labeller", true, 4, 4));
         for (i, e) in [&old, &new, &labelled].into_iter().enumerate() {
             store.store_feedback(e, &format!("{i}:x"), 10).await.unwrap();
         }
@@ -399,10 +400,14 @@ mod tests {
 
         let pruned = store.prune_feedback(Utc::now() - chrono::Duration::hours(1)).await.unwrap();
         assert_eq!((pruned.trusted_deleted, pruned.unverified_deleted), (0, 1));
-        assert_eq!((pruned.index.set_version, pruned.index.trusted_samples, pruned.index.unverified_samples), (3, 1, 1));
+        assert_eq!(
+            (pruned.index.set_version, pruned.index.trusted_samples, pruned.index.unverified_samples),
+            (3, 1, 1)
+        );
         assert_eq!(pruned.index.versions, before.versions, "the live accuracy stays");
         assert_eq!(store.feedback_index().await.unwrap(), pruned.index);
-        let left: Vec<_> = store.feedback_samples(None, false).await.unwrap().into_iter().map(|s| s.event.event_id).collect();
+        let left: Vec<_> =
+            store.feedback_samples(None, false).await.unwrap().into_iter().map(|s| s.event.event_id).collect();
         assert_eq!(left, vec![new.event_id, labelled.event_id]);
         // A second pass finds nothing.
         let again = store.prune_feedback(Utc::now() - chrono::Duration::hours(1)).await.unwrap();

@@ -16,8 +16,9 @@
 //!
 //! `DELETE /api/feedback/<id>`: a person asks for their feedback to be deleted,
 //! by the `event_id` the `POST` answered with (the page shows it). The id is the
-//! capability: it is random (a UUID v7's 74 random bits) and only its sender was
-//! told it, so no other proof is asked. The web tier publishes `feedback.delete`
+//! capability: only its sender was told it, and it cannot be guessed (a UUID v7:
+//! past its millisecond, a counter seeded at random every millisecond and 32
+//! random bits), so no other proof is asked. The web tier publishes `feedback.delete`
 //! on the feedback stream and answers 202; the feedback stage deletes the sample
 //! and announces `feedback.deleted` (`found: false` for an id it does not hold).
 
@@ -171,7 +172,10 @@ pub(crate) async fn delete_feedback(
 ) -> Result<(Status, Json<FeedbackDeleteAccepted>), ApiError> {
     let Ok(feedback_id) = id.parse::<EventId>() else {
         state.metrics.feedback("delete_invalid");
-        return Err(ApiError::new(Status::UnprocessableEntity, "the feedback id is the UUID POST /api/feedback answered"));
+        return Err(ApiError::new(
+            Status::UnprocessableEntity,
+            "the feedback id is the UUID POST /api/feedback answered",
+        ));
     };
     let command = FeedbackDelete { event_id: EventId::new(), feedback_id, requested_at: chrono::Utc::now() };
     match state.bus.publish(&command).await {
