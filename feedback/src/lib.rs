@@ -272,14 +272,6 @@ impl Stage {
             return;
         }
         self.metrics.removed("pruned", pruned.trusted_deleted + pruned.unverified_deleted);
-        info!(
-            %before,
-            trusted_deleted = pruned.trusted_deleted,
-            unverified_deleted = pruned.unverified_deleted,
-            trusted_left = index.trusted_samples,
-            unverified_left = index.unverified_samples,
-            "Old feedback pruned."
-        );
         let event = FeedbackPruned {
             event_id: EventId::new(),
             max_age_secs: max_age.as_secs(),
@@ -290,6 +282,7 @@ impl Stage {
             unverified_left: index.unverified_samples,
             at: chrono::Utc::now(),
         };
+        info!(pass = ?event, "Old feedback pruned.");
         if let Err(e) = self.bus.publish(&event).await {
             warn!(error = %e, "Could not announce the feedback retention pass (feedback.pruned).");
         }
