@@ -184,7 +184,7 @@ impl Default for Metrics {
             accuracy.clone(),
         );
         let set_version = Gauge::default();
-        registry.register("set_version", "The feedback set's version (its number of samples)", set_version.clone());
+        registry.register("set_version", "The feedback set's version (samples ever stored)", set_version.clone());
         let removed = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "removed",

@@ -493,7 +493,7 @@ pub struct FeedbackStored {
     pub model_version: ModelVersion,
     pub trusted: bool,
     pub correct: bool,
-    /// The feedback set's version that first holds this sample (its sample count).
+    /// The feedback set's version that first holds this sample (samples ever stored).
     pub set_version: u64,
     /// The version's live accuracy, this sample included.
     pub accuracy: LiveAccuracy,

@@ -13,13 +13,15 @@
 //! - **Bounded per client:** an unverified client may hold at most the limit the
 //!   caller gives (counted by listing that client's own folder, which the limit
 //!   bounds too); more is refused, not stored.
-//! - **Versioned:** the set's version is its number of samples. Each sample
+//! - **Versioned:** the set's version is the number of samples ever stored. Each sample
 //!   records the set version that first holds it, so the set as of version `v`
 //!   is the samples with `set_version <= v`; training (later) records the
 //!   version it read. `INDEX.json` is written after the sample, so it never
 //!   counts a sample that is not there; a sample stored by a process that died
 //!   before its index write is counted when its event is redelivered (the
-//!   sample's `set_version` is past the index's).
+//!   sample's `set_version` is past the index's). A removal deletes first and
+//!   recounts after, so a process that dies in between leaves the counts high
+//!   until the next removal or retention pass recounts them.
 //! - **Traceable:** a sample is its event (id, sender's client key, model
 //!   version, both digits, the 28×28 input) plus the delivery that stored it.
 //! - **Atomic:** every object is written whole (see the crate's docs); a
@@ -75,7 +77,8 @@ impl FeedbackSample {
 /// `INDEX.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FeedbackIndex {
-    /// The set's version: how many samples it holds.
+    /// The set's version: how many samples it ever stored (never lowered);
+    /// `trusted_samples` and `unverified_samples` count those it holds.
     pub set_version: u64,
     pub trusted_samples: u64,
     pub unverified_samples: u64,
