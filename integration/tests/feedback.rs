@@ -7,6 +7,10 @@
 //! - Deliberately wrong anonymous feedback is stored as unverified, one client
 //!   floods and is bounded, and the served model does not change.
 //! - An event delivered twice is stored (and announced) once.
+//! - Retention (issue 21, item 3): samples stored longer ago than
+//!   `FEEDBACK_RETENTION_SECS` are pruned by the stage's pass, which announces how
+//!   many; a person deletes theirs by the id `POST /api/feedback` answered, once
+//!   (a repeat, or an unknown id, changes nothing and is reported).
 //!
 //! The browser test needs Debian's `chromium` and `chromium-driver`
 //! (`MNISTFLOW_BROWSER=1 scripts/setup`).
@@ -21,7 +25,8 @@ use fantoccini::Locator;
 use mnistflow_integration::browser::Browser;
 use mnistflow_integration::{mnist_dir, wait_until};
 use mnistflow_nats::{
-    EventId, FeedbackStored, FeedbackSubmitted, InferenceLoaded, ModelPublished, ModelVersion, Prediction, subjects,
+    EventId, FeedbackDeleted, FeedbackPruned, FeedbackStored, FeedbackSubmitted, InferenceLoaded, ModelPublished,
+    ModelVersion, Prediction, subjects,
 };
 use mnistflow_store::{FeedbackSample, ModelMetadata};
 use serde_json::{Value, json};
@@ -315,5 +320,128 @@ async fn a_feedback_event_delivered_twice_is_stored_and_announced_once() {
     let announced = stack.events::<FeedbackStored>().await;
     assert_eq!(announced.len(), 1, "{announced:?}");
     assert_eq!((announced[0].feedback_id, announced[0].correct), (event.event_id, false));
+    feedback.stop().await;
+}
+
+fn submitted(client: &str, trusted: bool) -> FeedbackSubmitted {
+    FeedbackSubmitted {
+        event_id: EventId::new(),
+        model_version: ModelVersion::from("20261201-000000-abcdef"),
+        predicted: 3,
+        label: 3,
+        input: "7f".repeat(784),
+        client: client.into(),
+        trusted,
+        at: chrono::Utc::now(),
+    }
+}
+
+/// Waits until the store holds `n` samples.
+async fn wait_for_samples(stack: &Stack, n: usize) {
+    wait_until(&format!("{n} feedback samples in the store"), WAIT, || async {
+        (stack.store.feedback_samples(None, false).await.ok()?.len() == n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_older_than_the_retention_period_is_pruned_and_the_pass_announced() {
+    let stack = Stack::new(&[]).await;
+    let (_, feedback) = stack.start_feedback(&[]);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let (old_trusted, old_unverified, recent) =
+        (submitted("labeller", true), submitted("ip-0123456789abcdef", false), submitted("ip-0123456789abcdef", false));
+    for event in [&old_trusted, &old_unverified, &recent] {
+        stack.bus.publish(event).await.unwrap();
+    }
+    wait_for_samples(&stack, 3).await;
+    feedback.stop().await;
+    let accuracy = stack.store.feedback_index().await.unwrap().versions;
+    // Two of them were stored two hours ago (as the store's own file says) ...
+    for event in [&old_trusted, &old_unverified] {
+        let path = stack.store_dir.path().join(mnistflow_store::Store::feedback_sample_key(event));
+        let mut sample: FeedbackSample = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        sample.stored_at = chrono::Utc::now() - chrono::Duration::hours(2);
+        std::fs::write(&path, serde_json::to_vec(&sample).unwrap()).unwrap();
+    }
+    // ... and the stage restarts with a retention of one hour: its first pass, at start, prunes them.
+    let (metrics_addr, feedback) =
+        stack.start_feedback(&[("FEEDBACK_RETENTION_SECS", "3600"), ("FEEDBACK_RETENTION_INTERVAL_SECS", "1")]);
+    let pruned = stack.wait_event::<FeedbackPruned>(WAIT, |_| true).await;
+    assert_eq!((pruned.trusted_deleted, pruned.unverified_deleted), (1, 1), "{pruned:?}");
+    assert_eq!((pruned.trusted_left, pruned.unverified_left), (0, 1), "{pruned:?}");
+    assert_eq!(pruned.max_age_secs, 3600);
+    let cut = chrono::Utc::now() - chrono::Duration::hours(1);
+    assert!((pruned.before - cut).num_seconds().abs() < 60, "cut {} is not an hour ago", pruned.before);
+    let left = samples(&stack).await;
+    assert_eq!(left.iter().map(|s| s.event.event_id).collect::<Vec<_>>(), vec![recent.event_id]);
+    let index = stack.store.feedback_index().await.unwrap();
+    assert_eq!((index.set_version, index.trusted_samples, index.unverified_samples), (3, 0, 1));
+    assert_eq!(index.versions, accuracy, "the live accuracy stays as it was");
+    // Later passes find nothing more to delete and announce nothing.
+    let passes = metric(&http, metrics_addr, "mnistflow_feedback_retention_passes_total").await.unwrap();
+    wait_until("two more retention passes", WAIT, || async {
+        let now = metric(&http, metrics_addr, "mnistflow_feedback_retention_passes_total").await?;
+        (now >= passes + 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(stack.events::<FeedbackPruned>().await.len(), 1);
+    feedback.stop().await;
+}
+
+async fn delete_feedback(http: &reqwest::Client, web: SocketAddr, id: &str) -> (u16, Value) {
+    let res = http.delete(format!("http://{web}/api/feedback/{id}")).send().await.unwrap();
+    (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_deletes_their_feedback_by_its_id_once_and_unknown_ids_change_nothing() {
+    let stack = Stack::new(&[]).await;
+    let (metrics_addr, feedback) = stack.start_feedback(&[]);
+    let (web, web_stage) = stack.start_web().await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let body =
+        json!({"model_version": "20261201-000000-abcdef", "predicted": 3, "label": 8, "input": "7f".repeat(784)});
+    let (status, mine) = post_feedback(&http, web, &body, None).await;
+    assert_eq!(status, 202, "{mine}");
+    let (status, theirs) = post_feedback(&http, web, &body, None).await;
+    assert_eq!(status, 202, "{theirs}");
+    let mine: EventId = mine["event_id"].as_str().unwrap().parse().unwrap();
+    let theirs: EventId = theirs["event_id"].as_str().unwrap().parse().unwrap();
+    wait_for_samples(&stack, 2).await;
+
+    let (status, accepted) = delete_feedback(&http, web, &mine.to_string()).await;
+    assert_eq!(status, 202, "{accepted}");
+    let request: EventId = accepted["event_id"].as_str().unwrap().parse().unwrap();
+    let deleted = stack.wait_event::<FeedbackDeleted>(WAIT, |d| d.request_id == request).await;
+    assert_eq!((deleted.feedback_id, deleted.found, deleted.trusted), (mine, true, Some(false)));
+    let left = samples(&stack).await;
+    assert_eq!(left.iter().map(|s| s.event.event_id).collect::<Vec<_>>(), vec![theirs]);
+    let index = stack.store.feedback_index().await.unwrap();
+    assert_eq!((index.set_version, index.unverified_samples), (2, 1));
+
+    // Again, and an id never given out: reported, nothing changes.
+    for id in [mine, EventId::new()] {
+        let (status, accepted) = delete_feedback(&http, web, &id.to_string()).await;
+        assert_eq!(status, 202, "{accepted}");
+        let request: EventId = accepted["event_id"].as_str().unwrap().parse().unwrap();
+        let answer = stack.wait_event::<FeedbackDeleted>(WAIT, |d| d.request_id == request).await;
+        assert_eq!((answer.feedback_id, answer.found, answer.trusted), (id, false, None));
+    }
+    assert_eq!(samples(&stack).await.len(), 1);
+    assert_eq!(stack.store.feedback_index().await.unwrap(), index);
+    let removed = |outcome: &'static str| {
+        let http = http.clone();
+        async move {
+            metric(&http, metrics_addr, &format!("mnistflow_feedback_removed_total{{outcome=\"{outcome}\"}}"))
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    assert_eq!((removed("deleted").await, removed("unknown").await), (1.0, 2.0));
+    // Not an id: refused before anything is published.
+    let (status, error) = delete_feedback(&http, web, "not-an-id").await;
+    assert_eq!(status, 422, "{error}");
+    web_stage.stop().await;
     feedback.stop().await;
 }

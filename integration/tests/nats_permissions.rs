@@ -6,9 +6,11 @@
 //! downloader, the downloader's and the trainer's work queues and events, inference
 //! answering `mnist.predict` in its queue group and announcing loads, the web tier
 //! asking predictions and replaying the events stream, the web tier passing feedback
-//! on and the feedback stage taking it and announcing it. Then the refusals: the web
+//! on and the feedback stage taking it and announcing it (a person's deletion request
+//! likewise, and the stage's retention passes). Then the refusals: the web
 //! identity may not publish a command nor answer `mnist.predict`, inference may not
-//! queue training; the feedback stage may not queue training nor promote; the backup identity
+//! queue training; the feedback stage may not queue training, promote nor request a
+//! deletion; the backup identity
 //! reads every stream and may change nothing. And a password rotation by reload: a second user of the web
 //! identity with the new password beside the old, the stage moving to it, the
 //! old one removed and refused, the moved stage never dropped.
@@ -24,9 +26,9 @@ use mnistflow_nats::async_nats::jetstream::consumer::DeliverPolicy;
 use mnistflow_nats::events::Message;
 use mnistflow_nats::work::{self, Handler, Outcome, Take, Work};
 use mnistflow_nats::{
-    Bus, DatasetDownload, DatasetId, DatasetReady, EventId, FeedbackStored, FeedbackSubmitted, InferenceLoaded,
-    LiveAccuracy, ModelMetrics, ModelPromote, ModelPublished, ModelVersion, NatsConfig, RunId, TrainProgress,
-    TrainRequest, WorkQueueOptions, subjects,
+    Bus, DatasetDownload, DatasetId, DatasetReady, EventId, FeedbackDelete, FeedbackDeleted, FeedbackPruned,
+    FeedbackStored, FeedbackSubmitted, InferenceLoaded, LiveAccuracy, ModelMetrics, ModelPromote, ModelPublished,
+    ModelVersion, NatsConfig, RunId, TrainProgress, TrainRequest, WorkQueueOptions, subjects,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -280,9 +282,35 @@ async fn each_stage_works_with_its_own_nats_identity_and_no_more() {
         at: Utc::now(),
     };
     feedback.publish(&stored).await.expect("the feedback stage announces feedback.stored");
+    // A person's deletion request: the web tier passes it on (same stream), the
+    // feedback stage takes it and announces it, and its retention passes.
+    let delete = FeedbackDelete { event_id: EventId::new(), feedback_id: submitted.event_id, requested_at: Utc::now() };
+    web.publish(&delete).await.expect("web publishes feedback.delete");
+    assert_eq!(take_one::<FeedbackDelete>(&feedback).await.feedback_id, submitted.event_id);
+    let deleted = FeedbackDeleted {
+        event_id: EventId::new(),
+        request_id: delete.event_id,
+        feedback_id: submitted.event_id,
+        found: true,
+        trusted: Some(false),
+        at: Utc::now(),
+    };
+    feedback.publish(&deleted).await.expect("the feedback stage announces feedback.deleted");
+    let pruned = FeedbackPruned {
+        event_id: EventId::new(),
+        max_age_secs: 3600,
+        before: Utc::now(),
+        trusted_deleted: 0,
+        unverified_deleted: 1,
+        trusted_left: 0,
+        unverified_left: 0,
+        at: Utc::now(),
+    };
+    feedback.publish(&pruned).await.expect("the feedback stage announces feedback.pruned");
     for (suffix, result) in [
         (subjects::TRAIN_REQUEST, feedback.publish(&TrainRequest::default()).await.map(|_| ())),
         (subjects::MODEL_PROMOTE, feedback.publish(&promote()).await.map(|_| ())),
+        (subjects::FEEDBACK_DELETE, feedback.publish(&delete).await.map(|_| ())),
     ] {
         let error = chain(&result.expect_err(&format!("feedback may not publish {suffix}")));
         assert!(error.contains("permission denied"), "feedback publishing {suffix}: {error}");

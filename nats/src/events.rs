@@ -493,7 +493,7 @@ pub struct FeedbackStored {
     pub model_version: ModelVersion,
     pub trusted: bool,
     pub correct: bool,
-    /// The feedback set's version that first holds this sample (its sample count).
+    /// The feedback set's version that first holds this sample (samples ever stored).
     pub set_version: u64,
     /// The version's live accuracy, this sample included.
     pub accuracy: LiveAccuracy,
@@ -501,6 +501,61 @@ pub struct FeedbackStored {
     pub at: DateTime<Utc>,
 }
 message!(FeedbackStored, subjects::FEEDBACK_STORED);
+
+/// Event: a retention pass of the feedback stage deleted the samples stored
+/// before `before` (published only by a pass that deleted something). The live
+/// accuracy figures are aggregates and stay; only the samples (the images) go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackPruned {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The policy: samples stored longer ago than this many seconds are deleted.
+    pub max_age_secs: u64,
+    /// The cut: samples stored before this time were deleted.
+    pub before: DateTime<Utc>,
+    /// Trusted samples deleted by this pass.
+    pub trusted_deleted: u64,
+    /// Unverified (anonymous) samples deleted by this pass.
+    pub unverified_deleted: u64,
+    /// Samples the set holds after the pass.
+    pub trusted_left: u64,
+    pub unverified_left: u64,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(FeedbackPruned, subjects::FEEDBACK_PRUNED);
+
+/// Command: delete the sample of feedback event `feedback_id` (the id
+/// `POST /api/feedback` answered with: whoever holds it may delete it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackDelete {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The [`FeedbackSubmitted`] event whose sample goes.
+    pub feedback_id: EventId,
+    #[serde(default = "now")]
+    pub requested_at: DateTime<Utc>,
+}
+message!(FeedbackDelete, subjects::FEEDBACK_DELETE);
+
+/// Event: the feedback stage handled a [`FeedbackDelete`]. `found` is false when
+/// the set held no sample of that id (never stored, or deleted before): nothing
+/// changed then.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackDeleted {
+    #[serde(default)]
+    pub event_id: EventId,
+    /// The command this answers.
+    pub request_id: EventId,
+    pub feedback_id: EventId,
+    pub found: bool,
+    /// Whether the deleted sample was a trusted labeller's (absent when not found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted: Option<bool>,
+    #[serde(default = "now")]
+    pub at: DateTime<Utc>,
+}
+message!(FeedbackDeleted, subjects::FEEDBACK_DELETED);
 
 /// Error reply to a prediction: `{"error": {"code": 415, "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@
 //! | `<P>_EVENTS` | every event of [`EVENT_SUBJECTS`] | limits (30 days, 10,000 per subject) | ephemeral replays (web, CLI) |
 //! | `<P>_TRAIN` | `train.request` | work queue | `trainer` (the KEDA scaler watches its lag) |
 //! | `<P>_COMMANDS` | `dataset.download`, `model.promote` | work queue | `downloader`, `promoter` |
-//! | `<P>_FEEDBACK` | `feedback.submitted` | work queue, bounded ([`FEEDBACK_MAX_MESSAGES`], [`FEEDBACK_MAX_BYTES`], new messages refused when full) | `feedback` |
+//! | `<P>_FEEDBACK` | `feedback.submitted`, `feedback.delete` | work queue, bounded ([`FEEDBACK_MAX_MESSAGES`], [`FEEDBACK_MAX_BYTES`], new messages refused when full) | `feedback`, `feedback-delete` |
 
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ pub const DOWNLOADER_CONSUMER: &str = "downloader";
 pub const PROMOTER_CONSUMER: &str = "promoter";
 /// Durable consumer of `feedback.submitted`.
 pub const FEEDBACK_CONSUMER: &str = "feedback";
+/// Durable consumer of `feedback.delete`.
+pub const FEEDBACK_DELETE_CONSUMER: &str = "feedback-delete";
 
 /// One work-queue command and the durable consumer that takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +65,7 @@ pub struct WorkConsumer {
 /// Every durable consumer of the deployment: the one definition that set-up
 /// ([`ensure`]), the stages ([`crate::Bus::work_queue`]) and the KEDA trigger
 /// (`k8s/base/trainer.yaml`, checked by `k8s/check`) share.
-pub const WORK_CONSUMERS: [WorkConsumer; 4] = [
+pub const WORK_CONSUMERS: [WorkConsumer; 5] = [
     WorkConsumer { suffix: subjects::TRAIN_REQUEST, stream: TRAIN, durable: TRAINER_CONSUMER, max_deliver: 5 },
     WorkConsumer { suffix: subjects::DATASET_DOWNLOAD, stream: COMMANDS, durable: DOWNLOADER_CONSUMER, max_deliver: 3 },
     WorkConsumer { suffix: subjects::MODEL_PROMOTE, stream: COMMANDS, durable: PROMOTER_CONSUMER, max_deliver: 5 },
@@ -71,6 +73,12 @@ pub const WORK_CONSUMERS: [WorkConsumer; 4] = [
         suffix: subjects::FEEDBACK_SUBMITTED,
         stream: FEEDBACK,
         durable: FEEDBACK_CONSUMER,
+        max_deliver: 10,
+    },
+    WorkConsumer {
+        suffix: subjects::FEEDBACK_DELETE,
+        stream: FEEDBACK,
+        durable: FEEDBACK_DELETE_CONSUMER,
         max_deliver: 10,
     },
 ];
@@ -131,7 +139,7 @@ pub fn stream_configs(subjects: &Subjects, replicas: usize) -> Vec<stream::Confi
         stream::Config {
             name: subjects.stream_name(FEEDBACK),
             description: Some("mnistflow feedback from the page, for the feedback stage (work queue)".into()),
-            subjects: vec![subjects.full(subjects::FEEDBACK_SUBMITTED)],
+            subjects: vec![subjects.full(subjects::FEEDBACK_SUBMITTED), subjects.full(subjects::FEEDBACK_DELETE)],
             retention: stream::RetentionPolicy::WorkQueue,
             max_messages: FEEDBACK_MAX_MESSAGES,
             max_bytes: FEEDBACK_MAX_BYTES,

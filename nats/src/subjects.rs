@@ -31,6 +31,16 @@ pub const FEEDBACK_SUBMITTED: &str = "feedback.submitted";
 /// Event: the feedback stage stored a sample; carries the live accuracy of the
 /// version it judged.
 pub const FEEDBACK_STORED: &str = "feedback.stored";
+/// Event: a retention pass of the feedback stage deleted samples older than
+/// `FEEDBACK_RETENTION_SECS` from the feedback set.
+pub const FEEDBACK_PRUNED: &str = "feedback.pruned";
+/// Command (JetStream work queue, the stream of [`FEEDBACK_SUBMITTED`]): delete
+/// the sample of one feedback event, at the request of the person who sent it.
+/// Published by the web tier, consumed by the feedback stage.
+pub const FEEDBACK_DELETE: &str = "feedback.delete";
+/// Event: the feedback stage carried out a [`FEEDBACK_DELETE`] (deleted the
+/// sample, or found none).
+pub const FEEDBACK_DELETED: &str = "feedback.deleted";
 /// The queue group inference instances share on [`PREDICT`].
 pub const PREDICT_QUEUE_GROUP: &str = "inference";
 
@@ -43,6 +53,8 @@ pub const EVENT_SUBJECTS: &[&str] = &[
     MODEL_PUBLISHED,
     INFERENCE_LOADED,
     FEEDBACK_STORED,
+    FEEDBACK_PRUNED,
+    FEEDBACK_DELETED,
     COMMAND_REJECTED,
     RETENTION_PRUNED,
 ];

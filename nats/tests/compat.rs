@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use mnistflow_nats::events::Message;
 use mnistflow_nats::schema::{self, DecodeError, SCHEMA_VERSION};
 use mnistflow_nats::{
-    CommandRejected, DatasetDownload, DatasetFailed, DatasetReady, InferenceLoaded, ModelPromote, ModelPublished,
-    RetentionPruned, TrainFailed, TrainProgress, TrainRequest,
+    CommandRejected, DatasetDownload, DatasetFailed, DatasetReady, FeedbackDelete, FeedbackDeleted, FeedbackPruned,
+    InferenceLoaded, ModelPromote, ModelPublished, RetentionPruned, TrainFailed, TrainProgress, TrainRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -116,6 +116,9 @@ fn every_message_of_format_v2_decodes_and_is_written_so() {
         check::<InferenceLoaded>("v2", "inference.loaded"),
         check::<CommandRejected>("v2", "command.rejected"),
         check::<RetentionPruned>("v2", "retention.pruned"),
+        check::<FeedbackPruned>("v2", "feedback.pruned"),
+        check::<FeedbackDelete>("v2", "feedback.delete"),
+        check::<FeedbackDeleted>("v2", "feedback.deleted"),
     ]
     .into_iter()
     .collect();
@@ -161,7 +164,18 @@ fn the_previous_release_reads_every_message_of_this_one() {
     // Subjects new in v2 have no v1 reader: the v1 release's page and CLI replay
     // the events stream as plain JSON objects, which these are.
     let new_subjects: BTreeSet<String> = listing("v2").difference(&read_by_v1).cloned().collect();
-    assert_eq!(new_subjects, ["command.rejected.json".to_owned(), "retention.pruned.json".to_owned()].into());
+    assert_eq!(
+        new_subjects,
+        [
+            "command.rejected.json",
+            "feedback.delete.json",
+            "feedback.deleted.json",
+            "feedback.pruned.json",
+            "retention.pruned.json",
+        ]
+        .map(str::to_owned)
+        .into()
+    );
     for name in &new_subjects {
         let raw = read("v2", name.trim_end_matches(".json"));
         assert!(raw.is_object() && raw["event_id"].is_string(), "{name}");

@@ -13,28 +13,39 @@
 //! - **Bounded per client:** an unverified client may hold at most the limit the
 //!   caller gives (counted by listing that client's own folder, which the limit
 //!   bounds too); more is refused, not stored.
-//! - **Versioned:** the set's version is its number of samples. Each sample
+//! - **Versioned:** the set's version is the number of samples ever stored. Each sample
 //!   records the set version that first holds it, so the set as of version `v`
 //!   is the samples with `set_version <= v`; training (later) records the
 //!   version it read. `INDEX.json` is written after the sample, so it never
 //!   counts a sample that is not there; a sample stored by a process that died
 //!   before its index write is counted when its event is redelivered (the
-//!   sample's `set_version` is past the index's).
+//!   sample's `set_version` is past the index's). A removal deletes first and
+//!   recounts after, so a process that dies in between leaves the counts high
+//!   until the next removal or retention pass recounts them.
 //! - **Traceable:** a sample is its event (id, sender's client key, model
 //!   version, both digits, the 28×28 input) plus the delivery that stored it.
 //! - **Atomic:** every object is written whole (see the crate's docs); a
 //!   reader never sees half a sample or half an index.
 //!
+//! - **Pruned:** [`Store::prune_feedback`] deletes the samples stored before a
+//!   cut (the feedback stage's `FEEDBACK_RETENTION_SECS`), and
+//!   [`Store::delete_feedback`] one sample by its event's id (a person's
+//!   request). Either recounts the index's sample counts from what is left.
+//!   The set's version never goes back (it counts every sample ever stored, so
+//!   "the set as of version `v`" is the samples with `set_version <= v` that are
+//!   still held), and the live accuracy per model version is an aggregate of
+//!   answers, not the images: it stays as it was.
+//!
 //! One writer at a time: the feedback stage runs as one replica and handles one
-//! delivery at a time (the index is read, then written).
+//! delivery, or one retention pass, at a time (the index is read, then written).
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use mnistflow_nats::{FeedbackSubmitted, LiveAccuracy};
+use mnistflow_nats::{EventId, FeedbackSubmitted, LiveAccuracy};
 use object_store::path::Path as Key;
-use object_store::{PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Store, StoreError};
@@ -66,7 +77,8 @@ impl FeedbackSample {
 /// `INDEX.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FeedbackIndex {
-    /// The set's version: how many samples it holds.
+    /// The set's version: how many samples it ever stored (never lowered);
+    /// `trusted_samples` and `unverified_samples` count those it holds.
     pub set_version: u64,
     pub trusted_samples: u64,
     pub unverified_samples: u64,
@@ -100,6 +112,14 @@ pub enum FeedbackOutcome {
     Duplicate { set_version: u64 },
     /// The client holds `limit` unverified samples already: refused.
     OverQuota { limit: usize },
+}
+
+/// What [`Store::prune_feedback`] deleted, and the index after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackPrune {
+    pub trusted_deleted: u64,
+    pub unverified_deleted: u64,
+    pub index: FeedbackIndex,
 }
 
 fn trust(trusted: bool) -> &'static str {
@@ -199,6 +219,85 @@ impl Store {
         Ok(n)
     }
 
+    /// The key of every sample under `samples/<under>`, in no particular order.
+    async fn feedback_sample_keys(&self, under: &str) -> Result<Vec<String>, StoreError> {
+        use futures::TryStreamExt;
+        let prefix = format!("{FEEDBACK_PREFIX}/samples/{under}");
+        let keys: Vec<String> =
+            self.inner.list(Some(&Key::from(prefix.as_str()))).map_ok(|m| m.location.to_string()).try_collect().await?;
+        Ok(keys.into_iter().filter(|k| k.ends_with(".json")).collect())
+    }
+
+    async fn feedback_sample(&self, key: &str) -> Result<FeedbackSample, StoreError> {
+        let bytes = self.get(key).await?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), message: e.to_string() })
+    }
+
+    /// Sets the index's sample counts to the samples the store holds, and writes
+    /// the index if they changed.
+    async fn recount_feedback(&self, mut index: FeedbackIndex) -> Result<FeedbackIndex, StoreError> {
+        let trusted = self.count_under(&format!("{FEEDBACK_PREFIX}/samples/trusted/"), usize::MAX).await? as u64;
+        let unverified = self.count_under(&format!("{FEEDBACK_PREFIX}/samples/unverified/"), usize::MAX).await? as u64;
+        if (index.trusted_samples, index.unverified_samples) != (trusted, unverified) {
+            index.trusted_samples = trusted;
+            index.unverified_samples = unverified;
+            index.updated_at = Some(Utc::now());
+            self.put_feedback_index(&index).await?;
+        }
+        Ok(index)
+    }
+
+    /// Deletes every sample stored before `before`, then recounts the index (which
+    /// also repairs the counts of a pass that died between its deletions and its
+    /// index write). The live accuracy and the set's version stay.
+    ///
+    /// # Errors
+    /// A backend error, or a corrupt sample (named); what was deleted before it
+    /// stays deleted, and the next pass recounts.
+    pub async fn prune_feedback(&self, before: DateTime<Utc>) -> Result<FeedbackPrune, StoreError> {
+        let index = self.feedback_index().await?;
+        let (mut trusted_deleted, mut unverified_deleted) = (0, 0);
+        for key in self.feedback_sample_keys("").await? {
+            let sample = self.feedback_sample(&key).await?;
+            if sample.stored_at >= before {
+                continue;
+            }
+            match self.inner.delete(&Key::from(key.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if sample.event.trusted {
+                trusted_deleted += 1;
+            } else {
+                unverified_deleted += 1;
+            }
+        }
+        let index = self.recount_feedback(index).await?;
+        Ok(FeedbackPrune { trusted_deleted, unverified_deleted, index })
+    }
+
+    /// Deletes the sample of feedback event `id` (what the page gave the person
+    /// who sent it), then recounts the index. Returns the deleted sample, or
+    /// `None` when the set holds no sample of that id (never stored, or deleted
+    /// already): nothing changes then.
+    ///
+    /// # Errors
+    /// A backend error, or a corrupt sample.
+    pub async fn delete_feedback(&self, id: EventId) -> Result<Option<FeedbackSample>, StoreError> {
+        let name = format!("/{id}.json");
+        let Some(key) = self.feedback_sample_keys("").await?.into_iter().find(|k| k.ends_with(&name)) else {
+            return Ok(None);
+        };
+        let sample = self.feedback_sample(&key).await?;
+        match self.inner.delete(&Key::from(key.as_str())).await {
+            Ok(()) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        self.recount_feedback(self.feedback_index().await?).await?;
+        Ok(Some(sample))
+    }
+
     /// Every sample of the set as of `set_version` (all when `None`), trusted
     /// ones only when `trusted_only` (what training may use), sorted by set version.
     ///
@@ -209,19 +308,9 @@ impl Store {
         set_version: Option<u64>,
         trusted_only: bool,
     ) -> Result<Vec<FeedbackSample>, StoreError> {
-        use futures::TryStreamExt;
-        let prefix = if trusted_only {
-            format!("{FEEDBACK_PREFIX}/samples/trusted/")
-        } else {
-            format!("{FEEDBACK_PREFIX}/samples/")
-        };
-        let keys: Vec<String> =
-            self.inner.list(Some(&Key::from(prefix.as_str()))).map_ok(|m| m.location.to_string()).try_collect().await?;
-        let mut samples = Vec::with_capacity(keys.len());
-        for key in keys.iter().filter(|k| k.ends_with(".json")) {
-            let bytes = self.get(key).await?;
-            let sample: FeedbackSample = serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::Corrupt { key: key.clone(), message: e.to_string() })?;
+        let mut samples = Vec::new();
+        for key in self.feedback_sample_keys(if trusted_only { "trusted/" } else { "" }).await? {
+            let sample = self.feedback_sample(&key).await?;
             if set_version.is_none_or(|v| sample.set_version <= v) {
                 samples.push(sample);
             }
@@ -233,7 +322,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use mnistflow_nats::{EventId, ModelVersion};
+    use mnistflow_nats::ModelVersion;
 
     use super::*;
 
@@ -295,5 +384,46 @@ mod tests {
         // And only once.
         store.store_feedback(&e, "1:x", 10).await.unwrap();
         assert_eq!(store.feedback_index().await.unwrap().unverified_samples, 1);
+    }
+
+    #[tokio::test]
+    async fn pruning_and_deleting_remove_samples_and_recount_but_keep_the_live_accuracy() {
+        let store = Store::memory();
+        let (old, new, labelled) =
+            (event("ip-a", false, 1, 1), event("ip-a", false, 2, 3), event("labeller", true, 4, 4));
+        for (i, e) in [&old, &new, &labelled].into_iter().enumerate() {
+            store.store_feedback(e, &format!("{i}:x"), 10).await.unwrap();
+        }
+        // `old` was stored two hours ago.
+        let key = Store::feedback_sample_key(&old);
+        let mut sample = store.feedback_sample(&key).await.unwrap();
+        sample.stored_at = Utc::now() - chrono::Duration::hours(2);
+        store.put(&key, Bytes::from(serde_json::to_vec(&sample).unwrap())).await.unwrap();
+        let before = store.feedback_index().await.unwrap();
+
+        let pruned = store.prune_feedback(Utc::now() - chrono::Duration::hours(1)).await.unwrap();
+        assert_eq!((pruned.trusted_deleted, pruned.unverified_deleted), (0, 1));
+        assert_eq!(
+            (pruned.index.set_version, pruned.index.trusted_samples, pruned.index.unverified_samples),
+            (3, 1, 1)
+        );
+        assert_eq!(pruned.index.versions, before.versions, "the live accuracy stays");
+        assert_eq!(store.feedback_index().await.unwrap(), pruned.index);
+        let left: Vec<_> =
+            store.feedback_samples(None, false).await.unwrap().into_iter().map(|s| s.event.event_id).collect();
+        assert_eq!(left, vec![new.event_id, labelled.event_id]);
+        // A second pass finds nothing.
+        let again = store.prune_feedback(Utc::now() - chrono::Duration::hours(1)).await.unwrap();
+        assert_eq!((again.trusted_deleted, again.unverified_deleted), (0, 0));
+
+        let deleted = store.delete_feedback(labelled.event_id).await.unwrap().expect("the labelled sample");
+        assert_eq!(deleted.event, labelled);
+        let index = store.feedback_index().await.unwrap();
+        assert_eq!((index.set_version, index.trusted_samples, index.unverified_samples), (3, 0, 1));
+        // Twice, or an id never stored: nothing changes.
+        assert_eq!(store.delete_feedback(labelled.event_id).await.unwrap(), None);
+        assert_eq!(store.delete_feedback(EventId::new()).await.unwrap(), None);
+        assert_eq!(store.feedback_index().await.unwrap(), index);
+        assert_eq!(store.feedback_samples(None, false).await.unwrap().len(), 1);
     }
 }

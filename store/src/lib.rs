@@ -35,7 +35,9 @@ mod store;
 pub mod watch;
 
 pub use current::CurrentPointer;
-pub use feedback::{FEEDBACK_INDEX_KEY, FEEDBACK_PREFIX, FeedbackIndex, FeedbackOutcome, FeedbackSample};
+pub use feedback::{
+    FEEDBACK_INDEX_KEY, FEEDBACK_PREFIX, FeedbackIndex, FeedbackOutcome, FeedbackPrune, FeedbackSample,
+};
 pub use retention::{PINNED_KEY, SERVED_KEY, ServedHistory};
 pub use signing::{Keyring, SignatureError, SigningKey};
 pub use store::{

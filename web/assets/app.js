@@ -369,6 +369,37 @@
     feedbackStatus.textContent = "";
   }
 
+  // The id the server answered with is the only key to this feedback: shown so
+  // that the person can have it deleted (now, or later with DELETE /api/feedback/<id>).
+  function offerDeletion(id) {
+    const button = el("button", { type: "button", text: "Delete it", class: "feedback-delete" });
+    const line = el(
+      "span",
+      { class: "feedback-id" },
+      " Your feedback id is ",
+      el("code", { text: id }),
+      `; keep it to have this feedback deleted later (DELETE /api/feedback/${id}), or `,
+      button,
+      "."
+    );
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      let res = null;
+      try {
+        res = await fetch(`/api/feedback/${encodeURIComponent(id)}`, { method: "DELETE", cache: "no-store" });
+      } catch {
+        res = null;
+      }
+      if (res && res.ok) {
+        line.textContent = ` Deletion of feedback ${id} requested.`;
+        return;
+      }
+      button.disabled = false;
+      line.append(` Not requested: ${res ? `HTTP ${res.status}` : "the server cannot be reached"}.`);
+    });
+    feedbackStatus.append(line);
+  }
+
   async function sendFeedback(label) {
     if (!answered || answered.sent) return;
     const a = answered;
@@ -399,6 +430,7 @@
         label === a.digit
           ? `Thanks: recorded that ${label} was right${json && json.trusted ? " (trusted labeller)" : " (unverified)"}.`
           : `Thanks: recorded that it was a ${label}, not a ${a.digit}${json && json.trusted ? " (trusted labeller)" : " (unverified)"}.`;
+      if (json && json.event_id) offerDeletion(json.event_id);
       return;
     }
     a.sent = false;

@@ -13,12 +13,20 @@
 //! address as [`crate::lockout::client_address`] finds it, so a sender cannot
 //! pick its own key to dodge the stage's per-client bound). A wrong token is
 //! 403 and counts towards the same lockout as wrong admin tokens.
+//!
+//! `DELETE /api/feedback/<id>`: a person asks for their feedback to be deleted,
+//! by the `event_id` the `POST` answered with (the page shows it). The id is the
+//! capability: only its sender was told it, and it cannot be guessed (a UUID v7:
+//! past its millisecond, a counter seeded at random every millisecond and 32
+//! random bits), so no other proof is asked. The web tier publishes `feedback.delete`
+//! on the feedback stream and answers 202; the feedback stage deletes the sample
+//! and announces `feedback.deleted` (`found: false` for an id it does not hold).
 
-use mnistflow_nats::{EventId, FeedbackSubmitted, ModelVersion};
+use mnistflow_nats::{EventId, FeedbackDelete, FeedbackSubmitted, ModelVersion};
 use rocket::http::Status;
 use rocket::request::{FromRequest, Outcome};
 use rocket::serde::json::Json;
-use rocket::{Request, State, post};
+use rocket::{Request, State, delete, post};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -144,6 +152,42 @@ pub(crate) async fn feedback(
             state.metrics.feedback("failed");
             warn!(error = %format!("{e:#}"), "Publishing feedback failed.");
             Err(ApiError::new(Status::ServiceUnavailable, "feedback cannot be taken right now; try again later")
+                .retry_after(5))
+        }
+    }
+}
+
+/// The answer to a deletion request.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FeedbackDeleteAccepted {
+    /// The `feedback.delete` command (the `feedback.deleted` event names it as `request_id`).
+    pub event_id: EventId,
+    pub feedback_id: EventId,
+}
+
+#[delete("/api/feedback/<id>")]
+pub(crate) async fn delete_feedback(
+    id: &str,
+    state: &State<AppState>,
+) -> Result<(Status, Json<FeedbackDeleteAccepted>), ApiError> {
+    let Ok(feedback_id) = id.parse::<EventId>() else {
+        state.metrics.feedback("delete_invalid");
+        return Err(ApiError::new(
+            Status::UnprocessableEntity,
+            "the feedback id is the UUID POST /api/feedback answered",
+        ));
+    };
+    let command = FeedbackDelete { event_id: EventId::new(), feedback_id, requested_at: chrono::Utc::now() };
+    match state.bus.publish(&command).await {
+        Ok(published) => {
+            state.metrics.feedback("delete_requested");
+            info!(%feedback_id, sequence = published.sequence, "Feedback deletion requested.");
+            Ok((Status::Accepted, Json(FeedbackDeleteAccepted { event_id: command.event_id, feedback_id })))
+        }
+        Err(e) => {
+            state.metrics.feedback("failed");
+            warn!(error = %format!("{e:#}"), "Publishing a feedback deletion failed.");
+            Err(ApiError::new(Status::ServiceUnavailable, "deletion cannot be requested right now; try again later")
                 .retry_after(5))
         }
     }

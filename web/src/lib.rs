@@ -121,6 +121,7 @@ fn build_with(config: Config, bus: Bus, metrics: Arc<Metrics>) -> Rocket<Build> 
                 admin::train,
                 admin::promote,
                 feedback::feedback,
+                feedback::delete_feedback,
             ],
         )
         .register("/", catchers![error::default_catcher])

@@ -104,7 +104,7 @@ impl Default for Metrics {
         let feedback = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "feedback",
-            "POST /api/feedback by outcome: trusted, unverified (published), invalid, too_large, wrong_token, locked_out, failed",
+            "POST /api/feedback by outcome: trusted, unverified (published), invalid, too_large, wrong_token, locked_out, failed; DELETE /api/feedback/<id>: delete_requested, delete_invalid",
             feedback.clone(),
         );
         Self {
