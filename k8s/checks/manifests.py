@@ -1659,7 +1659,7 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
 
     # 3. The backup CronJob's command as its pod runs it (NATS user backup, the
     #    read-only identity), its claim a temporary directory: after the downloader
-    #    and the trainer, the three streams are copied (the events stream holds their
+    #    and the trainer, the four streams are copied (the events stream holds their
     #    events) and the store holds a version.
     d, spec, env, _ = env_for("CronJob", "backup", {})
     c = spec["containers"][0]
@@ -1677,8 +1677,8 @@ def run(rendered: dict[str, list[dict]], nats_server: NatsUnderTest, tmp: Path) 
         streams = summary.get("streams", {})
         versions = [o["key"] for o in summary.get("objects", []) if o["key"].endswith("/metadata.json")]
         # (The work queues may be empty by now: the trainer took its request.)
-        if code == 0 and len(made) == 1 and len(streams) == 3 and streams.get("MNIST_EVENTS") and versions:
-            ok(f"CronJob/backup: as NATS user {env.get('NATS_USER')}, {made[0].parent.name}/ holds the three streams "
+        if code == 0 and len(made) == 1 and len(streams) == 4 and streams.get("MNIST_EVENTS") and versions:
+            ok(f"CronJob/backup: as NATS user {env.get('NATS_USER')}, {made[0].parent.name}/ holds the four streams "
                f"({', '.join(f'{k} {v}' for k, v in streams.items())}) and {len(summary['objects'])} objects "
                f"({time.monotonic() - t:.1f} s)")
         else:

@@ -141,7 +141,7 @@ def render(overlay: str) -> tuple[list[dict], dict]:
     docs = kustomize(ROOT / "k8s" / "overlays" / overlay)
     secret = next((d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets"), None)
     if secret is None:  # GKE overlays leave the Secret to the user (k8s/README.md); it has the base's keys
-        secret = next(d for d in kustomize(ROOT / "k8s" / "base") if d["kind"] == "Secret")
+        secret = next(d for d in kustomize(ROOT / "k8s" / "base") if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")
         docs.append(secret)
     return docs, secret
 
