@@ -51,6 +51,7 @@ Usage: rehearsal.py [--tag TAG] [--overlay NAME] [--break WHAT] [--quick]
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip
 import json
 import os
@@ -139,10 +140,14 @@ def render(overlay: str) -> tuple[list[dict], dict]:
         return [d for d in yaml.safe_load_all(out) if d]
 
     docs = kustomize(ROOT / "k8s" / "overlays" / overlay)
-    secret = next((d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets"), None)
-    if secret is None:  # GKE overlays leave the Secret to the user (k8s/README.md); it has the base's keys
-        secret = next(d for d in kustomize(ROOT / "k8s" / "base") if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")
-        docs.append(secret)
+    base = kustomize(ROOT / "k8s" / "base")
+    # GKE overlays leave the Secrets and the signing keyring to the user (k8s/README.md,
+    # "Secrets"): the base's objects stand in for them, with the same keys.
+    for kind, name in [("Secret", "mnistflow-secrets"), ("Secret", "mnistflow-model-signing"),
+                       ("ConfigMap", "mnistflow-model-keys")]:
+        if not any(d["kind"] == kind and d["metadata"]["name"] == name for d in docs):
+            docs.append(next(d for d in base if d["kind"] == kind and d["metadata"]["name"] == name))
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "mnistflow-secrets")
     return docs, secret
 
 
@@ -276,6 +281,16 @@ class Cluster:
                 folder.mkdir(exist_ok=True)
                 for key, value in cm["data"].items():
                     (folder / key).write_text(value)
+                args += ["-v", f"{folder}:{m['mountPath']}:ro"]
+            elif "secret" in v:  # a Secret's files, as the kubelet projects them
+                sec = self.object("Secret", v["secret"]["secretName"])
+                folder = self.tmp / f"{pod_name}-{m['name']}"
+                folder.mkdir(exist_ok=True)
+                files = {**{k: base64.b64decode(val).decode() for k, val in sec.get("data", {}).items()},
+                         **sec.get("stringData", {})}
+                for key, value in files.items():
+                    (folder / key).write_text(value)
+                    (folder / key).chmod(0o444)
                 args += ["-v", f"{folder}:{m['mountPath']}:ro"]
             elif "persistentVolumeClaim" in v:
                 if pod_sc.get("fsGroup") is not None:
