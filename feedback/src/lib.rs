@@ -471,19 +471,6 @@ async fn consume(
     taken.and(deleted).map(drop).map_err(Into::into)
 }
 
-#[rocket::get("/healthz")]
-fn healthz() -> &'static str {
-    "ok"
-}
-
-#[rocket::get("/readyz")]
-fn readyz(bus: &rocket::State<Bus>) -> (rocket::http::Status, &'static str) {
-    match bus.client().connection_state() {
-        mnistflow_nats::async_nats::connection::State::Connected => (rocket::http::Status::Ok, "ready"),
-        _ => (rocket::http::Status::ServiceUnavailable, "NATS disconnected"),
-    }
-}
-
 #[rocket::get("/metrics")]
 fn metrics(metrics: &rocket::State<Arc<Metrics>>) -> OpenMetrics {
     OpenMetrics(metrics.encode())
@@ -517,7 +504,7 @@ pub async fn run(config: Config, bus: Bus, store: Store, shutdown: CancellationT
             let rocket = rocket::custom(rc)
                 .manage(bus.clone())
                 .manage(metrics.clone())
-                .mount("/", rocket::routes![healthz, readyz, metrics]);
+                .mount("/", rocket::routes![serve::healthz, serve::readyz, metrics]);
             let served = serve::launch(rocket, shutdown.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("FEEDBACK_ADDR {addr}: {e}"))?;

@@ -46,7 +46,9 @@ pub async fn serve(config: Config, bus: Bus, store: Store, shutdown: Cancellatio
     let mut rc = mnistflow_runtime::http::config(SocketAddr::new(config.address, config.port), Duration::from_secs(1));
     rc.workers = 2;
     rc.ident = rocket::config::Ident::try_new("mnistflow-promoter").unwrap_or_default();
-    let rocket = rocket::custom(rc).manage(bus).mount("/", rocket::routes![healthz, readyz]);
+    let rocket = rocket::custom(rc)
+        .manage(bus)
+        .mount("/", rocket::routes![mnistflow_runtime::http::healthz, mnistflow_runtime::http::readyz]);
     let served = mnistflow_runtime::http::launch(rocket, shutdown.clone()).await;
     let served = match served {
         Ok(served) => {
@@ -62,19 +64,6 @@ pub async fn serve(config: Config, bus: Bus, store: Store, shutdown: Cancellatio
         Err(_) => warn!("The model.promote consumer did not stop within the drain deadline."),
     }
     served
-}
-
-#[rocket::get("/healthz")]
-fn healthz() -> &'static str {
-    "ok"
-}
-
-#[rocket::get("/readyz")]
-fn readyz(bus: &rocket::State<Bus>) -> (rocket::http::Status, &'static str) {
-    match bus.client().connection_state() {
-        mnistflow_nats::async_nats::connection::State::Connected => (rocket::http::Status::Ok, "ready"),
-        _ => (rocket::http::Status::ServiceUnavailable, "NATS disconnected"),
-    }
 }
 
 /// The stage name in the promoter Deployment's events.

@@ -107,3 +107,22 @@ impl<'r> Responder<'r, 'static> for OpenMetrics {
         (content_type, self.0).respond_to(req)
     }
 }
+
+/// `/healthz` of a stage whose only dependency is NATS (the promoter, the feedback
+/// stage): the process answers.
+#[rocket::get("/healthz")]
+pub fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `/readyz` of such a stage: ready while its NATS connection is up (the [`Bus`] in
+/// Rocket's managed state).
+///
+/// [`Bus`]: mnistflow_nats::Bus
+#[rocket::get("/readyz")]
+pub fn readyz(bus: &rocket::State<mnistflow_nats::Bus>) -> (rocket::http::Status, &'static str) {
+    match bus.client().connection_state() {
+        mnistflow_nats::async_nats::connection::State::Connected => (rocket::http::Status::Ok, "ready"),
+        _ => (rocket::http::Status::ServiceUnavailable, "NATS disconnected"),
+    }
+}
