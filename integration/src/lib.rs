@@ -15,6 +15,7 @@
 //! - [`free_port`]: a loopback port nothing listens on.
 //! - [`browser`]: headless Chromium over WebDriver for the page's tests.
 //! - [`keda`]: the query and the lag of KEDA's `nats-jetstream` scaler.
+//! - [`process`]: a binary's environment after it applied its process settings.
 //! - [`OtlpCollector`]: an OTLP/HTTP endpoint decoding exported spans with the
 //!   official protobuf definitions.
 
@@ -24,6 +25,7 @@ mod mirror;
 mod nats_cluster;
 mod nats_server;
 mod otlp;
+pub mod process;
 
 pub use mirror::{Fault, MirrorServer};
 pub use nats_cluster::{ClusterTls, HOSTS as CLUSTER_HOSTS, NatsCluster};
